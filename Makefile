@@ -1,0 +1,31 @@
+# segmill: `make run` (main job on the embedded default) and `make test` (whole suite) set up what is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.segmill-installed
+STATE ?= .segmill
+PYTEST_ARGS ?=
+
+.PHONY: run test test-slow bench venv clean
+
+venv: $(STAMP)
+
+# Reinstalls only when the dependency declarations change; quick otherwise.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/segmill demo --state $(STATE)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(STATE) .pytest_cache

@@ -1,0 +1,90 @@
+"""The training recipe's pure-torch parts: loss, poly learning rate, augmentation, one optimisation step.
+
+Shared by the demo model and by the Ray Train loop, so a notebook trains exactly as the cluster does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AUX_LOSS_WEIGHT = 0.5
+POLY_POWER = 0.9
+
+
+def segmentation_loss(
+    outputs: dict[str, torch.Tensor], target: torch.Tensor, *, ignore_index: int = 255, aux_weight: float = AUX_LOSS_WEIGHT
+) -> torch.Tensor:
+    """Per-pixel cross-entropy on the logits at target size, plus the auxiliary head's loss when present."""
+    loss = F.cross_entropy(outputs["out"], target, ignore_index=ignore_index)
+    if "aux" in outputs:
+        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], target, ignore_index=ignore_index)
+    return loss
+
+
+def poly_lr_lambda(total_steps: int, power: float = POLY_POWER):
+    """The poly schedule, lr * (1 - step/total)^power, as a LambdaLR factor."""
+    return lambda step: max(0.0, 1.0 - step / max(total_steps, 1)) ** power
+
+
+def sgd_with_poly(
+    param_groups: list[dict] | nn.Module, *, lr: float, total_steps: int, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = param_groups.parameters() if isinstance(param_groups, nn.Module) else param_groups
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_steps))
+
+
+def random_scale_crop_flip(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    crop: int,
+    *,
+    generator: torch.Generator,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment one float image [3,H,W] and its mask [H,W]: random scale, pad (mask with ignore), crop, h-flip.
+
+    The mask is resized with nearest neighbour only as part of augmentation; evaluation never resizes labels.
+    """
+    low, high = scale_range
+    scale = low + (high - low) * torch.rand((), generator=generator).item()
+    height, width = mask.shape
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    pad_h, pad_w = max(crop - size[0], 0), max(crop - size[1], 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h))
+        mask = F.pad(mask, (0, pad_w, 0, pad_h), value=ignore_index)
+    top = int(torch.randint(0, image.shape[1] - crop + 1, (), generator=generator))
+    left = int(torch.randint(0, image.shape[2] - crop + 1, (), generator=generator))
+    image, mask = image[:, top : top + crop, left : left + crop], mask[top : top + crop, left : left + crop]
+    if torch.rand((), generator=generator).item() < 0.5:
+        image, mask = image.flip(-1), mask.flip(-1)
+    return image, mask
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    ignore_index: int = 255,
+) -> float:
+    """One SGD step; returns the loss. Raises if the loss is not finite, since training would be wasted."""
+    model.train()
+    loss = segmentation_loss(model(images), masks, ignore_index=ignore_index)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"Training loss became {loss.item()}; lower the learning rate.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.item()

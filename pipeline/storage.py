@@ -1,0 +1,57 @@
+"""One filesystem layer for every URI: local paths, file://, s3:// (any S3-compatible endpoint), other fsspec."""
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+_SECRET_QUERY = re.compile(r"(?i)((?:token|secret|key|signature|password|credential)[^=&]*=)[^&]+")
+
+
+def open_fs(uri: str, *, endpoint_url: str | None = None) -> tuple[AbstractFileSystem, str]:
+    """Return (filesystem, path inside it) for `uri`; S3 honours `endpoint_url` or $AWS_ENDPOINT_URL."""
+    options = {}
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV)
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts with '/', keeping the scheme (works for local paths and URIs alike)."""
+    joined = base.rstrip("/")
+    for part in parts:
+        joined += "/" + part.strip("/")
+    return joined
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def with_protocol(fs: AbstractFileSystem, path: str) -> str:
+    """Turn a path returned by `fs` back into a full URI (fsspec strips the scheme)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def redact(text: str) -> str:
+    """Remove credentials from a URI or message: user:password@ in URLs and secret-looking query values."""
+
+    def _strip_userinfo(match: re.Match) -> str:
+        parts = urlsplit(match.group(0))
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+    text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s@]+@[^\s]*", _strip_userinfo, text)
+    return _SECRET_QUERY.sub(r"\1***", text)
