@@ -14,11 +14,10 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from segmill.models.predict import IMAGENET_MEAN, IMAGENET_STD
 from segmill.models.registry import get_model
 
 CHECKPOINT_FORMAT = "segmill-checkpoint-v1"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

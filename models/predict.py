@@ -199,8 +199,11 @@ class Predictor:
         x = normalize(image, self.mean, self.std, self.device)
         return _resize(x[None], self._forward_size((x.shape[-2], x.shape[-1])), antialias=True)[0]
 
-    def _iter_probs(self, images: Sequence[Image]) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, probs [K, H, W] at original size) per image; images go to the device one batch at a time."""
+    def iter_probs(self, images: Sequence[Image]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, probs [K, H, W] at original size) per image, in batch order; call under inference_mode.
+
+        Images go to the device one batch at a time, so a caller can reduce each result there and free it.
+        """
         sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
         tta = dict(scales=self.scales, flip=self.flip, size_divisor=self.size_divisor)
         small = []
@@ -231,7 +234,7 @@ class Predictor:
         out: list[torch.Tensor | None] = [None] * len(images)
         with torch.inference_mode():
             self.model.eval()
-            for i, probs in self._iter_probs(images):
+            for i, probs in self.iter_probs(images):
                 out[i] = probs
         return out  # type: ignore[return-value]
 
@@ -241,7 +244,7 @@ class Predictor:
         out: list[torch.Tensor | None] = [None] * len(images)
         with torch.inference_mode():
             self.model.eval()
-            for i, probs in self._iter_probs(images):
+            for i, probs in self.iter_probs(images):
                 mask = probs.argmax(0)
                 out[i] = mask.to(torch.uint8) if probs.shape[0] <= 256 else mask
         return out  # type: ignore[return-value]

@@ -9,7 +9,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
-_SECRET_QUERY = re.compile(r"(?i)((?:token|secret|key|signature|password|credential)[^=&]*=)[^&]+")
+_SECRET_QUERY = re.compile(r"(?i)([?&][^=&\s]*(?:token|secret|key|signature|password|credential)[^=&\s]*=)[^&\s]+")
 
 
 def open_fs(uri: str, *, endpoint_url: str | None = None) -> tuple[AbstractFileSystem, str]:
@@ -55,3 +55,11 @@ def redact(text: str) -> str:
 
     text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s@]+@[^\s]*", _strip_userinfo, text)
     return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def arrow_filesystem(uri: str, endpoint_url: str | None = None):
+    """(pyarrow filesystem, path) for `uri`, wrapping our fsspec filesystem so endpoints and credentials match."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = open_fs(uri, endpoint_url=endpoint_url)
+    return PyFileSystem(FSSpecHandler(fs)), path

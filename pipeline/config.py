@@ -1,0 +1,132 @@
+"""Typed configuration of a bulk segmentation job, from Python, YAML or the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger images are usually decompression bombs or need tiling offline
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    """How the job uses the cluster; None means 'derive from the cluster's resources' (see `resolve`)."""
+
+    batch_size: int | None = None
+    actors_min: int | None = None
+    actors_max: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    torch_threads: int | None = None
+    decode_cpus: float = 0.5
+    decode_batch_size: int = 16
+    rows_per_file: int = 1000
+    row_group_rows: int = 100
+
+    def resolve(self, cluster: dict[str, float]) -> "ResourceConfig":
+        """Fill the unset numbers from the cluster: one actor per GPU, or half-CPU single-thread actors on CPU.
+
+        On CPU, half-CPU actors leave the other half of the machine to read and decode (measured best on 2 cores).
+        """
+        gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+        if self.gpus_per_actor or (self.gpus_per_actor is None and gpus):
+            per_actor = self.gpus_per_actor or 1.0
+            defaults = dict(batch_size=16, actors_max=max(1, int(gpus / per_actor)), gpus_per_actor=per_actor,
+                            cpus_per_actor=1.0, torch_threads=1)
+        else:
+            defaults = dict(batch_size=4, actors_max=cpus, gpus_per_actor=0.0, cpus_per_actor=0.5, torch_threads=1)
+        values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
+        values["actors_min"] = self.actors_min or 1
+        values["actors_max"] = max(values["actors_max"], values["actors_min"])
+        return dataclasses.replace(self, **values)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """A bulk segmentation job: where images are, which model, where results go, and how to run it."""
+
+    input: str
+    output: str
+    model: str
+    labels: str | None = None
+    job_id: str | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    tile_size: int = 512
+    tile_threshold: int = 2048 * 2048
+    max_side: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    low_confidence: float = 0.5
+    export_png: bool = False
+    ray_address: str | None = None
+    endpoint_url: str | None = None
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "model"):
+            if not getattr(self, name):
+                raise ValueError(f"Segment job needs a non-empty {name!r}.")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"Segment job scales {self.scales} must be positive numbers.")
+        if not 0 < self.low_confidence < 1:
+            raise ValueError(f"Segment job low_confidence {self.low_confidence} must lie between 0 and 1.")
+
+    def resolved_job_id(self) -> str:
+        """The given job id, or one derived from what defines the results, so re-running the same job resumes it."""
+        if self.job_id:
+            return self.job_id
+        key = {k: getattr(self, k) for k in ("input", "labels", "model", "scales", "flip", "tile_size", "max_side")}
+        return "seg-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "job spec") -> "SegmentConfig":
+        data = dict(data)
+        resources = _typed(ResourceConfig, data.pop("resources", None) or {}, f"{source} resources")
+        return _typed(cls, {**data, "resources": resources}, source)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: dict[str, Any] | None = None) -> "SegmentConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"Job spec {path} must be a mapping of keys to values.")
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(data, source=f"job spec {path}")
+
+
+def _typed(cls: type, data: dict[str, Any], source: str) -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type, one sentence each."""
+    hints = get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ValueError(f"The {source} has unknown key(s) {unknown}; known keys are {sorted(hints)}.")
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(value, hints[name], f"{source} key {name!r}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a simple type hint (scalars, optional scalars, tuple of floats)."""
+    if value is None or isinstance(value, ResourceConfig):
+        return value
+    options = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    kind = options[0]
+    if get_origin(kind) is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise ValueError(f"The {where} must be a list of numbers, not {value!r}.")
+        return tuple(float(v) for v in items)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"The {where} must be of type {kind.__name__}, not {value!r}.")
+    return value

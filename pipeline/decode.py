@@ -1,0 +1,100 @@
+"""Read and decode images (and labels) on CPU; every failure becomes a row with a one-sentence reason.
+
+Images come out as raw RGB bytes with their height and width, so images of any size travel in one column.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from segmill.pipeline.storage import open_fs, redact
+
+Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (max_pixels), checked before any pixel is decoded
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+class DecodeError(ValueError):
+    """An input that cannot become an image row; its message is the row's `error`."""
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """The file's bytes; a one-sentence DecodeError when it cannot be read."""
+    try:
+        fs, path = open_fs(uri, endpoint_url=endpoint_url)
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DecodeError(f"{redact(uri)} was not found.") from None
+    except Exception as exc:  # network, permissions: the reason goes into the row
+        raise DecodeError(f"{redact(uri)} could not be read ({type(exc).__name__}: {redact(str(exc))[:200]}).") from None
+
+
+def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    if not data:
+        raise DecodeError(f"{redact(uri)} is empty (0 bytes).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError(f"{redact(uri)} is not a readable image file.") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"{redact(uri)} has {width}x{height} pixels, over the limit of {max_pixels:,}; raise max_pixels to allow it."
+        )
+    return image
+
+
+def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
+    """HxWx3 uint8 RGB with EXIF orientation applied; grey, palette, alpha, CMYK and 16-bit become RGB."""
+    image = _open(data, uri, max_pixels)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return np.ascontiguousarray(_to_rgb(image, uri))
+    except DecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"{redact(uri)} is truncated or corrupt ({str(exc)[:120]}).") from None
+
+
+def _to_rgb(image: Image.Image, uri: str) -> np.ndarray:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        grey = np.clip(values >> 8, 0, 255).astype(np.uint8) if values.max(initial=0) > 255 else values.astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode not in _CONVERTIBLE_MODES:
+        raise DecodeError(f"{redact(uri)} has unsupported pixel mode {image.mode}.")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)  # transparent pixels become black, not undefined
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_label(data: bytes, uri: str, shape: tuple[int, int], num_classes: int, ignore_index: int) -> np.ndarray:
+    """HxW uint8 class indices; wrong size, colour labels or values outside the classes raise DecodeError."""
+    image = _open(data, uri, max_pixels=shape[0] * shape[1] + 1)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"Label {redact(uri)} is truncated or corrupt ({str(exc)[:120]}).") from None
+    if image.mode not in ("L", "P", "I;16", "I"):
+        raise DecodeError(f"Label {redact(uri)} has mode {image.mode}; labels must be single-channel class indices.")
+    if (image.height, image.width) != shape:
+        raise DecodeError(
+            f"Label {redact(uri)} is {image.width}x{image.height} but its image is {shape[1]}x{shape[0]}."
+        )
+    label = np.asarray(image)
+    values = np.unique(label)
+    bad = values[(values >= num_classes) & (values != ignore_index)]
+    if bad.size:
+        raise DecodeError(
+            f"Label {redact(uri)} holds class values {bad[:5].tolist()} outside the model's {num_classes} classes."
+        )
+    return label.astype(np.uint8)

@@ -1,0 +1,147 @@
+"""The bulk segmentation job: list -> skip committed -> read+decode -> model actors -> commit Parquet.
+
+    segment(SegmentConfig(input="s3://bucket/images/", output="s3://bucket/results/", model="models:/roads@champion"))
+
+Everything that can make the job fail (no images, a model that does not load, an unwritable OUTPUT, OUTPUT
+holding another job) is checked on the driver before any compute starts.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from segmill.pipeline.config import SegmentConfig
+from segmill.pipeline.job_record import JobRecord, write_job_record
+from segmill.pipeline.listing import LISTING_SCHEMA, iter_image_batches
+from segmill.pipeline.model_source import ResolvedModel, resolve_model
+from segmill.pipeline.ray_runtime import ensure_ray
+from segmill.pipeline.results import STAGING, committed_rows
+from segmill.pipeline.segmenter import Segmenter
+from segmill.pipeline.stages import commit_batch, decode_batch
+from segmill.pipeline.storage import join_uri, open_fs, redact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    job_id: str
+    model: ResolvedModel
+    listing_dir: str
+    pending: int
+    already_done: int
+
+
+def segment(config: SegmentConfig) -> JobRecord:
+    """Run (or resume) a bulk segmentation job; returns its job record, also written to OUTPUT/_job.json."""
+    started = time.time()
+    plan = prepare(config)
+    files: list[dict] = []
+    if plan.pending:
+        ensure_ray(config.ray_address)
+        for row in _dataset(config, plan).iter_rows():
+            files.append(row)
+            log.info("committed %s (%d rows)", row["file"], row["rows"])
+    counts = committed_rows(config.output, config.endpoint_url, ["job_id", "status"])
+    record = JobRecord.build(config, plan.job_id, plan.model.name, plan.model.version, started, counts,
+                             processed=sum(int(f["rows"]) for f in files), resumed_from=plan.already_done)
+    write_job_record(record, config.output, config.endpoint_url)
+    _clear_staging(config, plan.job_id)
+    return record
+
+
+def prepare(config: SegmentConfig) -> _Plan:
+    """All the checks that need no compute, and the listing of what is left to do."""
+    job_id = config.resolved_job_id()
+    model = resolve_model(config.model, endpoint_url=config.endpoint_url)
+    _check_output(config, job_id)
+    done = committed_rows(config.output, config.endpoint_url, ["image_uri"])["image_uri"].to_numpy(zero_copy_only=False)
+    done_keys = np.sort(_uri_keys(done))
+    listing_dir = join_uri(config.output, STAGING, job_id, "listing")
+    fs, root = open_fs(listing_dir, endpoint_url=config.endpoint_url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+    total = pending = 0
+    for chunk, table in enumerate(iter_image_batches(config.input, config.labels, endpoint_url=config.endpoint_url)):
+        total += table.num_rows
+        keys = _uri_keys(table["image_uri"].to_numpy(zero_copy_only=False))
+        position = np.minimum(np.searchsorted(done_keys, keys), max(len(done_keys) - 1, 0))
+        fresh = table.filter(pa.array(~(done_keys[position] == keys) if len(done_keys) else np.ones(len(keys), bool)))
+        if fresh.num_rows:
+            with fs.open(join_uri(root, f"chunk-{chunk:06d}.parquet"), "wb") as f:
+                pq.write_table(fresh.cast(LISTING_SCHEMA), f)
+            pending += fresh.num_rows
+    if total == 0:
+        raise ValueError(f"No images found at {redact(config.input)} (looked for jpg, jpeg, png, bmp, tif, tiff, webp).")
+    log.info("job %s: %d images, %d already committed, %d to do", job_id, total, total - pending, pending)
+    return _Plan(job_id, model, listing_dir, pending, total - pending)
+
+
+def _uri_keys(uris: np.ndarray) -> np.ndarray:
+    """64-bit keys of URIs: a million committed images take 8 MB to check against, not a set of strings."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uris],
+                    dtype=np.uint64)
+
+
+def _check_output(config: SegmentConfig, job_id: str) -> None:
+    fs, root = open_fs(config.output, endpoint_url=config.endpoint_url)
+    probe = join_uri(root, STAGING, job_id, "write-probe")
+    try:
+        fs.makedirs(join_uri(root, STAGING, job_id), exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as exc:
+        raise ValueError(f"Output {redact(config.output)} cannot be written ({type(exc).__name__}: {exc}).") from None
+    others = set(committed_rows(config.output, config.endpoint_url, ["job_id"])["job_id"].to_pylist()) - {job_id}
+    if others:
+        raise ValueError(
+            f"Output {redact(config.output)} already holds results of job {sorted(others)[0]}; "
+            "use another output folder, or pass that job id to resume it."
+        )
+
+
+def _dataset(config: SegmentConfig, plan: _Plan):
+    import ray
+
+    from segmill.pipeline.storage import arrow_filesystem
+
+    resources = config.resources.resolve(ray.cluster_resources())
+    spec = plan.model.spec
+    fs, listing_path = arrow_filesystem(plan.listing_dir, config.endpoint_url)
+    use_gpu = bool(resources.gpus_per_actor)
+    return (
+        ray.data.read_parquet(listing_path, filesystem=fs)
+        .map_batches(decode_batch, batch_size=resources.decode_batch_size, batch_format="pyarrow",
+                     num_cpus=resources.decode_cpus,
+                     fn_kwargs=dict(max_pixels=config.max_pixels, num_classes=spec.num_classes,
+                                    ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url))
+        .map_batches(Segmenter, batch_size=resources.batch_size, batch_format="numpy",
+                     compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
+                     num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
+                     max_restarts=2, max_task_retries=2,
+                     fn_constructor_kwargs=dict(checkpoint=plan.model.checkpoint, use_gpu=use_gpu,
+                                                torch_threads=resources.torch_threads, batch_size=resources.batch_size,
+                                                scales=config.scales, flip=config.flip, tile_size=config.tile_size,
+                                                tile_threshold=config.tile_threshold, max_side=config.max_side,
+                                                low_confidence=config.low_confidence))
+        .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,
+                     fn_kwargs=dict(classes=spec.classes, output=config.output, job_id=plan.job_id,
+                                    model_name=plan.model.name, model_version=plan.model.version,
+                                    endpoint_url=config.endpoint_url, row_group_rows=resources.row_group_rows,
+                                    export_png=config.export_png, palette=spec.colours()))
+    )
+
+
+def _clear_staging(config: SegmentConfig, job_id: str) -> None:
+    fs, root = open_fs(join_uri(config.output, STAGING, job_id), endpoint_url=config.endpoint_url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

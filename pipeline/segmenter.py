@@ -1,0 +1,89 @@
+"""The model stage of the bulk job: a callable class loaded once per Ray actor.
+
+Everything per pixel (softmax, argmax, confidence, class histogram, confusion with the label) happens on the
+actor's device; only the uint8 mask and small vectors go back to the CPU.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from segmill.models.checkpoint import load_checkpoint
+from segmill.models.metrics import confusion_matrix
+from segmill.models.predict import Predictor
+from segmill.pipeline.results import ERROR, OK, mask_dtype
+
+
+class Segmenter:
+    """`__call__(batch) -> batch`: decoded rows in, rows with a raw mask and per-image statistics out."""
+
+    def __init__(self, checkpoint: bytes, *, use_gpu: bool, torch_threads: int, batch_size: int,
+                 scales: tuple[float, ...] = (1.0,), flip: bool = False, tile_size: int = 512,
+                 tile_threshold: int = 2048 * 2048, max_side: int | None = None, low_confidence: float = 0.5):
+        torch.set_num_threads(max(1, torch_threads))
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model, self.spec = load_checkpoint(checkpoint, map_location=device)
+        self.num_classes = self.spec.num_classes
+        self.mask_dtype = mask_dtype(self.num_classes)
+        self.low_confidence = low_confidence
+        self.predictor = Predictor(model, mean=self.spec.mean, std=self.spec.std, device=device, scales=scales,
+                                   flip=flip, tile_size=tile_size, tile_threshold=tile_threshold,
+                                   max_side=max_side, batch_size=batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, k = len(batch["image_uri"]), self.num_classes
+        out = {key: batch[key] for key in ("image_uri", "label_uri", "height", "width")}
+        status, error = batch["status"].astype(object).copy(), batch["error"].astype(object).copy()
+        masks = np.empty(n, dtype=object)
+        stats = np.full((n, 3), np.nan, dtype=np.float64)
+        class_pixels = np.zeros((n, k), dtype=np.int64)
+        confusion = np.zeros((n, k, k), dtype=np.int64)
+        ok = [i for i in range(n) if status[i] == OK]
+        for indices in self._attempts(ok):
+            try:
+                self._segment(batch, indices, masks, stats, class_pixels, confusion)
+                break
+            except Exception as exc:  # one bad image must not fail its batch: retried image by image below
+                if len(indices) == 1:
+                    status[indices[0]], error[indices[0]] = ERROR, f"Inference failed ({type(exc).__name__}: {str(exc)[:200]})."
+        out.update(status=status, error=error, mask=masks, confidence_mean=stats[:, 0], entropy_mean=stats[:, 1],
+                   low_confidence_fraction=stats[:, 2], class_pixels=class_pixels, confusion=confusion,
+                   has_label=np.array([len(batch["label"][i]) > 0 for i in range(n)], dtype=bool))
+        return out
+
+    @staticmethod
+    def _attempts(indices: list[int]):
+        """The whole batch first; if that raises, each image alone (so only the culprit becomes an error row)."""
+        if indices:
+            yield indices
+            if len(indices) > 1:
+                yield from ([i] for i in indices)
+
+    @torch.inference_mode()
+    def _segment(self, batch, indices, masks, stats, class_pixels, confusion) -> None:
+        images = [_image(batch, i) for i in indices]
+        for position, probs in self.predictor.iter_probs(images):
+            i = indices[position]
+            top, mask = probs.max(0)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(0)
+            summary = torch.stack([top.mean(), entropy.mean(), (top < self.low_confidence).float().mean()])
+            stats[i] = summary.double().cpu().numpy()
+            class_pixels[i] = torch.bincount(mask.flatten(), minlength=self.num_classes).cpu().numpy()
+            if len(batch["label"][i]):
+                label = torch.from_numpy(_label(batch, i)).to(mask.device, non_blocking=True)
+                confusion[i] = confusion_matrix(mask, label, self.num_classes, self.spec.ignore_index).cpu().numpy()
+            masks[i] = mask.to(torch.int32 if self.mask_dtype != np.uint8 else torch.uint8).cpu().numpy() \
+                .astype(self.mask_dtype).tobytes()
+
+
+def _image(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3)
+
+
+def _label(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    return np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
+
+
