@@ -35,8 +35,8 @@ def measure_gflops(model: nn.Module, height: int = 512, width: int = 512) -> flo
     return counter.get_total_flops() / 1e9
 
 
-def model_table(names: list[str] | None = None, num_classes: int = 21) -> list[dict[str, Any]]:
-    """One row per registered architecture: name, paper, params (millions) and GFLOPs at 512x512."""
+def model_table(names: list[str] | None = None, num_classes: int = 21, *, with_flops: bool = True) -> list[dict[str, Any]]:
+    """One row per registered architecture: name, paper, params (millions) and GFLOPs at 512x512 (or None)."""
     rows = []
     for name in names if names is not None else list_models():
         model = get_model(name, num_classes=num_classes)
@@ -45,7 +45,7 @@ def model_table(names: list[str] | None = None, num_classes: int = 21) -> list[d
                 "name": name,
                 "paper": model_paper(name),
                 "params": count_parameters(model) / 1e6,
-                "gflops_512": measure_gflops(model, 512, 512),
+                "gflops_512": measure_gflops(model, 512, 512) if with_flops else None,
             }
         )
     return rows
