@@ -7,14 +7,16 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="segmill: semantic segmentation at scale (bulk inference on Ray, results in Parquet).")
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # soft wrap: a path in a message stays copyable
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=2)
 
 

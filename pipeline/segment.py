@@ -59,6 +59,8 @@ def prepare(config: SegmentConfig) -> _Plan:
     """All the checks that need no compute, and the listing of what is left to do."""
     job_id = config.resolved_job_id()
     model = resolve_model(config.model, endpoint_url=config.endpoint_url)
+    if config.labels:
+        check_label_classes(config.labels, model.spec.classes, config.endpoint_url)
     _check_output(config, job_id)
     done = committed_rows(config.output, config.endpoint_url, ["image_uri"])["image_uri"].to_numpy(zero_copy_only=False)
     done_keys = np.sort(_uri_keys(done))
@@ -81,6 +83,24 @@ def prepare(config: SegmentConfig) -> _Plan:
         raise ValueError(f"No images found at {redact(config.input)} (looked for jpg, jpeg, png, bmp, tif, tiff, webp).")
     log.info("job %s: %d images, %d already committed, %d to do", job_id, total, total - pending, pending)
     return _Plan(job_id, model, listing_dir, pending, total - pending)
+
+
+def check_label_classes(labels: str, model_classes: tuple[str, ...], endpoint_url: str | None) -> None:
+    """If the label set names its classes (classes.yaml in or beside the label prefix), they must be the model's."""
+    import posixpath
+
+    import yaml
+
+    fs, root = open_fs(labels, endpoint_url=endpoint_url)
+    for candidate in (join_uri(root, "classes.yaml"), join_uri(posixpath.dirname(root.rstrip("/")), "classes.yaml")):
+        if fs.isfile(candidate):
+            with fs.open(candidate, "r") as f:
+                entries = (yaml.safe_load(f) or {}).get("classes", [])
+            names = tuple(e["name"] if isinstance(e, dict) else str(e) for e in entries)
+            if names != tuple(model_classes):
+                raise ValueError(f"Labels at {redact(labels)} have classes {list(names)} but the model predicts "
+                                 f"{list(model_classes)}; use a model trained on these classes.")
+            return
 
 
 def _uri_keys(uris: np.ndarray) -> np.ndarray:
