@@ -80,7 +80,8 @@ class SegmentConfig:
         """The given job id, or one derived from what defines the results, so re-running the same job resumes it."""
         if self.job_id:
             return self.job_id
-        key = {k: getattr(self, k) for k in ("input", "labels", "model", "scales", "flip", "tile_size", "max_side")}
+        key = {k: getattr(self, k) for k in ("input", "labels", "model", "scales", "flip", "tile_size", "tile_threshold",
+                                                "max_side", "max_pixels", "low_confidence")}
         return "seg-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,7 +90,8 @@ class SegmentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "job spec") -> "SegmentConfig":
         data = dict(data)
-        resources = _typed(ResourceConfig, data.pop("resources", None) or {}, f"{source} resources")
+        resources = data.pop("resources", None)
+        resources = _typed(ResourceConfig, {} if resources is None else resources, f"{source} resources")
         return _typed(cls, {**data, "resources": resources}, source)
 
     @classmethod
@@ -104,10 +106,16 @@ class SegmentConfig:
 
 def _typed(cls: type, data: dict[str, Any], source: str) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type, one sentence each."""
+    if not isinstance(data, dict):
+        raise ValueError(f"The {source} must be a mapping of keys to values, not {data!r}.")
     hints = get_type_hints(cls)
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ValueError(f"The {source} has unknown key(s) {unknown}; known keys are {sorted(hints)}.")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"The {source} lacks the required key(s) {missing}.")
     values = {}
     for name, value in data.items():
         values[name] = _coerce(value, hints[name], f"{source} key {name!r}")

@@ -5,6 +5,7 @@ Images come out as raw RGB bytes with their height and width, so images of any s
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
@@ -79,17 +80,18 @@ def _to_rgb(image: Image.Image, uri: str) -> np.ndarray:
 
 def decode_label(data: bytes, uri: str, shape: tuple[int, int], num_classes: int, ignore_index: int) -> np.ndarray:
     """HxW uint8 class indices; wrong size, colour labels or values outside the classes raise DecodeError."""
-    image = _open(data, uri, max_pixels=shape[0] * shape[1] + 1)
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DecodeError(f"Label {redact(uri)} is truncated or corrupt ({str(exc)[:120]}).") from None
-    if image.mode not in ("L", "P", "I;16", "I"):
-        raise DecodeError(f"Label {redact(uri)} has mode {image.mode}; labels must be single-channel class indices.")
+    # No pixel limit here: the size must equal the image's, and that is checked before any pixel is decoded.
+    image = _open(data, uri, max_pixels=sys.maxsize)
     if (image.height, image.width) != shape:
         raise DecodeError(
             f"Label {redact(uri)} is {image.width}x{image.height} but its image is {shape[1]}x{shape[0]}."
         )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"Label {redact(uri)} is truncated or corrupt ({str(exc)[:120]}).") from None
+    if image.mode not in ("1", "L", "P", "I;16", "I"):
+        raise DecodeError(f"Label {redact(uri)} has mode {image.mode}; labels must be single-channel class indices.")
     label = np.asarray(image)
     values = np.unique(label)
     bad = values[(values >= num_classes) & (values != ignore_index)]

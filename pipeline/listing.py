@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from segmill.pipeline.storage import open_fs, with_protocol
+from segmill.pipeline.storage import open_fs, redact, with_protocol
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
@@ -48,7 +48,7 @@ def _table(rows: list[tuple[str, str | None]]) -> pa.Table:
 def _prefix_pairs(input_uri: str, labels_uri: str | None, endpoint_url: str | None) -> Iterator[tuple[str, str | None]]:
     fs, root = open_fs(input_uri, endpoint_url=endpoint_url)
     if not fs.exists(root):
-        raise FileNotFoundError(f"Input {input_uri} does not exist.")
+        raise ValueError(f"Input {redact(input_uri)} does not exist.")
     if fs.isfile(root):
         yield with_protocol(fs, root), None
         return
@@ -79,7 +79,7 @@ def _label_stems(fs, directory: str) -> dict[str, str]:
 def _manifest_batches(uri: str, endpoint_url: str | None, batch_rows: int) -> Iterator[pa.Table]:
     fs, path = open_fs(uri, endpoint_url=endpoint_url)
     if not fs.exists(path):
-        raise FileNotFoundError(f"Manifest {uri} does not exist.")
+        raise ValueError(f"Manifest {redact(uri)} does not exist.")
     with fs.open(path, "rb") as f:
         if uri.lower().endswith(".parquet"):
             batches = pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
@@ -88,6 +88,6 @@ def _manifest_batches(uri: str, endpoint_url: str | None, batch_rows: int) -> It
         for batch in batches:
             table = pa.Table.from_batches([batch])
             if "image_uri" not in table.column_names:
-                raise ValueError(f"Manifest {uri} has no 'image_uri' column (columns: {table.column_names}).")
+                raise ValueError(f"Manifest {redact(uri)} has no 'image_uri' column (columns: {table.column_names}).")
             labels = table["label_uri"] if "label_uri" in table.column_names else pa.nulls(len(table), pa.string())
             yield pa.table({"image_uri": table["image_uri"].cast(pa.string()), "label_uri": labels.cast(pa.string())})

@@ -143,6 +143,7 @@ def _write(fs, path: str, table: pa.Table, row_group_rows: int) -> None:
 
 def committed_parts(output: str, endpoint_url: str | None) -> list[str]:
     fs, root = open_fs(output, endpoint_url=endpoint_url)
+    fs.invalidate_cache(root)  # parts are written by other processes (Ray workers, an earlier killed run)
     if not fs.isdir(root):
         return []
     return sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith(PART_PREFIX))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ from segmill.pipeline.stages import commit_batch, decode_batch
 from segmill.pipeline.storage import join_uri, open_fs, redact
 
 log = logging.getLogger(__name__)
+# Each listing chunk becomes at least one read block: small chunks let decoding start and commits land early.
+LISTING_CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -61,16 +64,21 @@ def prepare(config: SegmentConfig) -> _Plan:
     model = resolve_model(config.model, endpoint_url=config.endpoint_url)
     if config.labels:
         check_label_classes(config.labels, model.spec.classes, config.endpoint_url)
-    _check_output(config, job_id)
+    _check_output(config, job_id, model.version)
     done = committed_rows(config.output, config.endpoint_url, ["image_uri"])["image_uri"].to_numpy(zero_copy_only=False)
     done_keys = np.sort(_uri_keys(done))
-    listing_dir = join_uri(config.output, STAGING, job_id, "listing")
-    fs, root = open_fs(listing_dir, endpoint_url=config.endpoint_url)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    fs, listings = open_fs(join_uri(config.output, STAGING, job_id, "listing"), endpoint_url=config.endpoint_url)
+    if fs.exists(listings):
+        fs.rm(listings, recursive=True)
+    # A fresh folder per run: Ray workers keep their filesystem objects (and S3 metadata caches) between runs,
+    # so a listing rewritten under the same name is read as the previous run's object (s3fs FileExpired).
+    run = uuid.uuid4().hex[:12]
+    listing_dir = join_uri(config.output, STAGING, job_id, "listing", run)
+    root = join_uri(listings, run)
     fs.makedirs(root, exist_ok=True)
     total = pending = 0
-    for chunk, table in enumerate(iter_image_batches(config.input, config.labels, endpoint_url=config.endpoint_url)):
+    for chunk, table in enumerate(iter_image_batches(config.input, config.labels, endpoint_url=config.endpoint_url,
+                                                              batch_rows=LISTING_CHUNK_ROWS)):
         total += table.num_rows
         keys = _uri_keys(table["image_uri"].to_numpy(zero_copy_only=False))
         position = np.minimum(np.searchsorted(done_keys, keys), max(len(done_keys) - 1, 0))
@@ -111,7 +119,7 @@ def _uri_keys(uris: np.ndarray) -> np.ndarray:
                     dtype=np.uint64)
 
 
-def _check_output(config: SegmentConfig, job_id: str) -> None:
+def _check_output(config: SegmentConfig, job_id: str, model_version: str) -> None:
     fs, root = open_fs(config.output, endpoint_url=config.endpoint_url)
     probe = join_uri(root, STAGING, job_id, "write-probe")
     try:
@@ -121,11 +129,18 @@ def _check_output(config: SegmentConfig, job_id: str) -> None:
         fs.rm(probe)
     except Exception as exc:
         raise ValueError(f"Output {redact(config.output)} cannot be written ({type(exc).__name__}: {exc}).") from None
-    others = set(committed_rows(config.output, config.endpoint_url, ["job_id"])["job_id"].to_pylist()) - {job_id}
+    committed = committed_rows(config.output, config.endpoint_url, ["job_id", "model_version"])
+    others = set(committed["job_id"].to_pylist()) - {job_id}
     if others:
         raise ValueError(
             f"Output {redact(config.output)} already holds results of job {sorted(others)[0]}; "
             "use another output folder, or pass that job id to resume it."
+        )
+    versions = set(committed["model_version"].to_pylist()) - {model_version}
+    if versions:  # same job id, but the model's weights changed since: resuming would mix two models in one table
+        raise ValueError(
+            f"Output {redact(config.output)} holds results of model version {sorted(versions)[0]}, but "
+            f"{redact(config.model)} is now version {model_version}; use another output folder."
         )
 
 
@@ -143,10 +158,12 @@ def _dataset(config: SegmentConfig, plan: _Plan):
         .map_batches(decode_batch, batch_size=resources.decode_batch_size, batch_format="pyarrow",
                      num_cpus=resources.decode_cpus,
                      fn_kwargs=dict(max_pixels=config.max_pixels, num_classes=spec.num_classes,
-                                    ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url))
+                                    ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url,
+                                    labels_expected=config.labels is not None))
         .map_batches(Segmenter, batch_size=resources.batch_size, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
                      num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
+                     # Bounded, unlike Ray Data's default of -1: an image that kills its actor must not loop forever.
                      max_restarts=2, max_task_retries=2,
                      fn_constructor_kwargs=dict(checkpoint=plan.model.checkpoint, use_gpu=use_gpu,
                                                 torch_threads=resources.torch_threads, batch_size=resources.batch_size,

@@ -60,8 +60,21 @@ class Segmenter:
             if len(indices) > 1:
                 yield from ([i] for i in indices)
 
+    def _buckets(self, batch, indices: list[int]) -> list[list[int]]:
+        """Images that pad to the same forward size. Padded to a larger neighbour's size, an image's mask changes
+        near its bottom and right edges (the model sees the padding), so a mask would depend on its batch."""
+        divisor, buckets = self.predictor.size_divisor, {}
+        for i in indices:
+            h, w = self.predictor._forward_size((int(batch["height"][i]), int(batch["width"][i])))
+            buckets.setdefault((-(-h // divisor), -(-w // divisor)), []).append(i)
+        return list(buckets.values())
+
     @torch.inference_mode()
     def _segment(self, batch, indices, masks, stats, class_pixels, confusion) -> None:
+        for bucket in self._buckets(batch, indices):
+            self._segment_bucket(batch, bucket, masks, stats, class_pixels, confusion)
+
+    def _segment_bucket(self, batch, indices, masks, stats, class_pixels, confusion) -> None:
         images = [_image(batch, i) for i in indices]
         for position, probs in self.predictor.iter_probs(images):
             i = indices[position]

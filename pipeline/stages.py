@@ -6,11 +6,15 @@ import pyarrow as pa
 
 from segmill.pipeline.decode import DecodeError, decode_image, decode_label, read_bytes
 from segmill.pipeline.results import ERROR, OK, build_table, commit_table
+from segmill.pipeline.storage import redact
 
 
 def decode_batch(batch: pa.Table, *, max_pixels: int, num_classes: int, ignore_index: int,
-                 endpoint_url: str | None) -> dict[str, np.ndarray]:
-    """Listing rows in; raw RGB pixels (and label indices) out, or an error row with the reason."""
+                 endpoint_url: str | None, labels_expected: bool = False) -> dict[str, np.ndarray]:
+    """Listing rows in; raw RGB pixels (and label indices) out, or an error row with the reason.
+
+    With `labels_expected` (the job has a labels prefix), an image without a label is an error row.
+    """
     n = batch.num_rows
     rows = {key: np.empty(n, dtype=object) for key in ("status", "error", "pixels", "label")}
     height, width = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -21,12 +25,17 @@ def decode_batch(batch: pa.Table, *, max_pixels: int, num_classes: int, ignore_i
             image = decode_image(read_bytes(image_uri, endpoint_url), image_uri, max_pixels)
             height[i], width[i] = image.shape[:2]
             rows["pixels"][i] = image.tobytes()
+            if label_uri is None and labels_expected:
+                raise DecodeError(f"No label was found for {redact(image_uri)} under the labels prefix.")
             if label_uri is not None:
                 label = decode_label(read_bytes(label_uri, endpoint_url), label_uri, image.shape[:2],
                                      num_classes, ignore_index)
                 rows["label"][i] = label.tobytes()
         except DecodeError as exc:
             rows["status"][i], rows["error"][i], rows["pixels"][i], rows["label"][i] = ERROR, str(exc), b"", b""
+        except Exception as exc:  # a decoder bug on a malformed file must cost one row, not the job
+            reason = f"{redact(image_uri)} could not be decoded ({type(exc).__name__}: {redact(str(exc))[:120]})."
+            rows["status"][i], rows["error"][i], rows["pixels"][i], rows["label"][i] = ERROR, reason, b"", b""
     # Empty strings and bytes stand for "none": Ray turns None in object columns into NaN between stages.
     return {"image_uri": np.array(images, dtype=object), "label_uri": np.array([u or "" for u in labels], dtype=object),
             "height": height, "width": width, **rows}
