@@ -29,7 +29,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
 def segment(
     input: Optional[str] = typer.Argument(None, help="Image prefix (local, file://, s3://...) or a manifest (.parquet/.csv with image_uri[,label_uri])."),
     output: Optional[str] = typer.Argument(None, help="Results folder (local or object storage) for Parquet parts and _job.json."),
-    model: Optional[str] = typer.Option(None, help="Checkpoint path/URI, models:/NAME@ALIAS, or ARCH:TORCHVISION_TAG."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint path/URI, models:/NAME@ALIAS (registry at $MLFLOW_TRACKING_URI), or ARCH:TORCHVISION_TAG."),
     labels: Optional[str] = typer.Option(None, help="Label prefix, paired with images by relative path and stem: adds IoU columns."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML job spec; command-line values override it."),
     job_id: Optional[str] = typer.Option(None, help="Job id (default: derived from the spec, so re-running resumes)."),
