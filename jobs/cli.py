@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from segmill.pipeline.storage import redact
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="segmill: semantic segmentation at scale (bulk inference on Ray, results in Parquet).")
 console = Console()
@@ -16,7 +18,7 @@ errors = Console(stderr=True, soft_wrap=True)  # soft wrap: a path in a message 
 
 
 def _fail(exc: Exception) -> None:
-    errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+    errors.print(f"[red]error:[/red] {escape(redact(str(exc)))}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -47,9 +49,13 @@ def segment(
     from segmill.pipeline import SegmentConfig
     from segmill.pipeline import segment as run_segment
 
+    try:
+        scale_list = [float(s) for s in scales.split(",")] if scales else None
+    except ValueError:
+        _fail(ValueError(f"--scales {scales!r} must be numbers separated by commas, e.g. 0.75,1,1.25."))
     values = dict(input=input, output=output, model=model, labels=labels, job_id=job_id, ray_address=address,
                   endpoint_url=endpoint_url, flip=flip, max_pixels=max_pixels, export_png=export_png,
-                  scales=[float(s) for s in scales.split(",")] if scales else None)
+                  scales=scale_list)
     resources = {k: v for k, v in dict(batch_size=batch_size, actors_max=actors, gpus_per_actor=gpus_per_actor).items() if v is not None}
     try:
         spec = SegmentConfig.from_yaml(str(config), {k: v for k, v in values.items() if v is not None}) if config else \
@@ -57,7 +63,7 @@ def segment(
         if resources:
             spec = SegmentConfig.from_dict({**spec.to_dict(), "resources": {**spec.to_dict()["resources"], **resources}})
         record = run_segment(spec)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, OSError, TypeError) as exc:  # OSError: permissions, unreachable storage, bad credentials
         _fail(exc)
     console.print(f"job {record.job_id}: {record.rows} rows ({record.ok_rows} ok, {record.error_rows} errors), "
                   f"{record.processed_this_run} processed this run at {record.images_per_second} img/s -> {spec.output}")

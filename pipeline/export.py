@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import io
 import posixpath
 
@@ -11,7 +12,9 @@ from PIL import Image
 
 from segmill.pipeline.decode import decode_image, read_bytes
 from segmill.pipeline.results import OK, decode_mask_png
-from segmill.pipeline.storage import join_uri, open_fs
+from segmill.pipeline.storage import join_uri, open_fs, redact
+
+log = logging.getLogger(__name__)
 
 OVERLAY_ALPHA = 0.5
 
@@ -35,20 +38,26 @@ def png_key(image_uri: str) -> str:
     return f"{stem}-{hashlib.sha256(image_uri.encode()).hexdigest()[:8]}.png"
 
 
-def export_pngs(table: pa.Table, output: str, palette: tuple[tuple[int, int, int], ...], *,
+def export_pngs(table: pa.Table, image_uris: list[str], output: str, palette: tuple[tuple[int, int, int], ...], *,
                 endpoint_url: str | None) -> None:
+    """Colour mask and overlay per ok row; `image_uris` are the readable (unredacted) URIs of the table's rows.
+
+    An export failure is logged and skipped: the PNGs are a convenience, the table is the result.
+    """
     fs, root = open_fs(output, endpoint_url=endpoint_url)
     for folder in ("masks", "overlays"):
         fs.makedirs(join_uri(root, "png", folder), exist_ok=True)
-    rows = table.select(["image_uri", "status", "mask"]).to_pylist()
-    for row in rows:
+    for row, image_uri in zip(table.select(["image_uri", "status", "mask"]).to_pylist(), image_uris):
         if row["status"] != OK:
             continue
-        mask = decode_mask_png(row["mask"])
-        image = decode_image(read_bytes(row["image_uri"], endpoint_url), row["image_uri"], max_pixels=mask.size + 1)
-        key = png_key(row["image_uri"])
-        _save(fs, join_uri(root, "png", "masks", key), colourise(mask, palette))
-        _save(fs, join_uri(root, "png", "overlays", key), overlay(image, mask, palette))
+        try:
+            mask = decode_mask_png(row["mask"])
+            image = decode_image(read_bytes(image_uri, endpoint_url), image_uri, max_pixels=mask.size + 1)
+            key = png_key(row["image_uri"])
+            _save(fs, join_uri(root, "png", "masks", key), colourise(mask, palette))
+            _save(fs, join_uri(root, "png", "overlays", key), overlay(image, mask, palette))
+        except Exception as exc:
+            log.warning("PNG export of %s failed: %s", row["image_uri"], redact(str(exc)))
 
 
 def _save(fs, path: str, array: np.ndarray) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segmill.pipeline.storage import join_uri, open_fs, redact
+from segmill.pipeline.storage import join_uri, open_fs, redact_values
 
 JOB_RECORD = "_job.json"
 
@@ -39,7 +39,7 @@ class JobRecord:
               *, processed: int, resumed_from: int) -> "JobRecord":
         seconds = max(time.time() - started, 1e-9)
         ok = int(pc.sum(pc.equal(committed["status"], "ok")).as_py() or 0) if committed.num_rows else 0
-        spec = json.loads(redact(json.dumps(config.to_dict())))
+        spec = redact_values(config.to_dict())
         return cls(job_id, spec, model_name, model_version, _iso(started), _iso(time.time()), committed.num_rows, ok,
                    committed.num_rows - ok, processed, resumed_from, round(processed / seconds, 3))
 

@@ -9,6 +9,7 @@ import posixpath
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -90,4 +91,10 @@ def _manifest_batches(uri: str, endpoint_url: str | None, batch_rows: int) -> It
             if "image_uri" not in table.column_names:
                 raise ValueError(f"Manifest {redact(uri)} has no 'image_uri' column (columns: {table.column_names}).")
             labels = table["label_uri"] if "label_uri" in table.column_names else pa.nulls(len(table), pa.string())
-            yield pa.table({"image_uri": table["image_uri"].cast(pa.string()), "label_uri": labels.cast(pa.string())})
+            yield pa.table({"image_uri": _blank_as_null(table["image_uri"]), "label_uri": _blank_as_null(labels)})
+
+
+def _blank_as_null(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """CSV cells left empty mean 'no value', not a URI of ''."""
+    values = pc.cast(column, pa.string())
+    return pc.if_else(pc.equal(pc.utf8_trim_whitespace(values), ""), pa.scalar(None, pa.string()), values)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segmill.models.metrics import iou_from_counts
-from segmill.pipeline.storage import join_uri, open_fs, protocol_of
+from segmill.pipeline.storage import join_uri, open_fs, protocol_of, redact
 
 OK, ERROR = "ok", "error"
 PART_PREFIX = "part-"
@@ -69,9 +69,8 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
     union = confusion.sum(1) + confusion.sum(2) - inter
     labelled = ok & batch["has_label"]
     iou = iou_from_counts(inter, union)
-    with np.errstate(invalid="ignore"):
-        miou = np.where(np.isnan(iou).all(1), np.nan, np.nanmean(np.where(np.isnan(iou), np.nan, iou), 1)) \
-            if k else np.full(n, np.nan)
+    defined = ~np.isnan(iou)
+    miou = np.where(defined.any(1), np.where(defined, iou, 0).sum(1) / np.maximum(defined.sum(1), 1), np.nan)
     labelled_pixels, correct = confusion.sum((1, 2)), inter.sum(1)
 
     def per_class(values: np.ndarray, valid: np.ndarray, kind: pa.DataType) -> pa.StructArray:
@@ -85,7 +84,7 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
              for i in range(n)]
     now = datetime.now(timezone.utc)
     columns = {
-        "job_id": pa.array([job_id] * n), "image_uri": pa.array(batch["image_uri"].tolist(), pa.string()),
+        "job_id": pa.array([job_id] * n), "image_uri": pa.array([redact(u) for u in batch["image_uri"].tolist()], pa.string()),
         "label_uri": _optional_strings(batch["label_uri"]),
         "status": pa.array(batch["status"].tolist(), pa.string()), "error": _optional_strings(batch["error"]),
         "height": scalar(batch["height"].astype(np.int32), ok | (batch["height"] > 0), pa.int32()),
@@ -107,8 +106,8 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
 
 
 def _optional_strings(values: np.ndarray) -> pa.Array:
-    """Empty strings stood for null between stages (Ray turns None into NaN); they become null again here."""
-    return pa.array([v if isinstance(v, str) and v else None for v in values.tolist()], pa.string())
+    """Empty strings stood for null between stages (Ray turns None into NaN); null again here, and redacted."""
+    return pa.array([redact(v) if isinstance(v, str) and v else None for v in values.tolist()], pa.string())
 
 
 def _nan(values: np.ndarray) -> np.ndarray:

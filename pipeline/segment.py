@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from segmill.pipeline.config import SegmentConfig
 from segmill.pipeline.job_record import JobRecord, write_job_record
-from segmill.pipeline.listing import LISTING_SCHEMA, iter_image_batches
+from segmill.pipeline.listing import LISTING_SCHEMA, is_manifest, iter_image_batches
 from segmill.pipeline.model_source import ResolvedModel, resolve_model
 from segmill.pipeline.ray_runtime import ensure_ray
 from segmill.pipeline.results import STAGING, committed_rows
@@ -63,6 +63,8 @@ def prepare(config: SegmentConfig) -> _Plan:
     job_id = config.resolved_job_id()
     model = resolve_model(config.model, endpoint_url=config.endpoint_url)
     if config.labels:
+        if is_manifest(config.input):
+            raise ValueError(f"Labels come from the manifest's label_uri column; drop --labels {redact(config.labels)}.")
         check_label_classes(config.labels, model.spec.classes, config.endpoint_url)
     _check_output(config, job_id, model.version)
     done = committed_rows(config.output, config.endpoint_url, ["image_uri"])["image_uri"].to_numpy(zero_copy_only=False)
@@ -80,7 +82,9 @@ def prepare(config: SegmentConfig) -> _Plan:
     for chunk, table in enumerate(iter_image_batches(config.input, config.labels, endpoint_url=config.endpoint_url,
                                                               batch_rows=LISTING_CHUNK_ROWS)):
         total += table.num_rows
-        keys = _uri_keys(table["image_uri"].to_numpy(zero_copy_only=False))
+        if table["image_uri"].null_count:
+            raise ValueError(f"Input {redact(config.input)} has rows without an image_uri; fix the manifest.")
+        keys = _uri_keys(np.array([redact(u) for u in table["image_uri"].to_pylist()], dtype=object))
         position = np.minimum(np.searchsorted(done_keys, keys), max(len(done_keys) - 1, 0))
         fresh = table.filter(pa.array(~(done_keys[position] == keys) if len(done_keys) else np.ones(len(keys), bool)))
         if fresh.num_rows:

@@ -13,6 +13,7 @@ from segmill.models.checkpoint import load_checkpoint
 from segmill.models.metrics import confusion_matrix
 from segmill.models.predict import Predictor
 from segmill.pipeline.results import ERROR, OK, mask_dtype
+from segmill.pipeline.storage import redact
 
 
 class Segmenter:
@@ -40,25 +41,20 @@ class Segmenter:
         class_pixels = np.zeros((n, k), dtype=np.int64)
         confusion = np.zeros((n, k, k), dtype=np.int64)
         ok = [i for i in range(n) if status[i] == OK]
-        for indices in self._attempts(ok):
-            try:
-                self._segment(batch, indices, masks, stats, class_pixels, confusion)
-                break
-            except Exception as exc:  # one bad image must not fail its batch: retried image by image below
-                if len(indices) == 1:
-                    status[indices[0]], error[indices[0]] = ERROR, f"Inference failed ({type(exc).__name__}: {str(exc)[:200]})."
+        try:
+            self._segment(batch, ok, masks, stats, class_pixels, confusion)
+        except Exception:  # e.g. out of device memory: retry image by image, so only a culprit becomes an error row
+            for i in ok:
+                try:
+                    self._segment(batch, [i], masks, stats, class_pixels, confusion)
+                except Exception as exc:
+                    masks[i], stats[i], class_pixels[i], confusion[i] = None, np.nan, 0, 0
+                    status[i] = ERROR
+                    error[i] = redact(f"{batch['image_uri'][i]} failed in the model ({type(exc).__name__}: {str(exc)[:200]}).")
         out.update(status=status, error=error, mask=masks, confidence_mean=stats[:, 0], entropy_mean=stats[:, 1],
                    low_confidence_fraction=stats[:, 2], class_pixels=class_pixels, confusion=confusion,
                    has_label=np.array([len(batch["label"][i]) > 0 for i in range(n)], dtype=bool))
         return out
-
-    @staticmethod
-    def _attempts(indices: list[int]):
-        """The whole batch first; if that raises, each image alone (so only the culprit becomes an error row)."""
-        if indices:
-            yield indices
-            if len(indices) > 1:
-                yield from ([i] for i in indices)
 
     def _buckets(self, batch, indices: list[int]) -> list[list[int]]:
         """Images that pad to the same forward size. Padded to a larger neighbour's size, an image's mask changes

@@ -46,11 +46,11 @@ def commit_batch(batch: dict[str, np.ndarray], *, classes: tuple[str, ...], outp
                  export_png: bool, palette: tuple[tuple[int, int, int], ...]) -> dict[str, np.ndarray]:
     """Encode and commit one part file; returns one summary row (file, rows, ok, errors) for the driver."""
     table = build_table(batch, classes, job_id=job_id, model_name=model_name, model_version=model_version)
-    uri = commit_table(table, output, job_id, endpoint_url=endpoint_url, row_group_rows=row_group_rows)
-    if export_png:
+    if export_png:  # before the commit: a resumed job skips committed rows, so their PNGs must exist by then
         from segmill.pipeline.export import export_pngs
 
-        export_pngs(table, output, palette, endpoint_url=endpoint_url)
+        export_pngs(table, batch["image_uri"].tolist(), output, palette, endpoint_url=endpoint_url)
+    uri = commit_table(table, output, job_id, endpoint_url=endpoint_url, row_group_rows=row_group_rows)
     ok = int((batch["status"] == OK).sum())
     return {"file": np.array([uri], dtype=object), "rows": np.array([table.num_rows]),
             "ok": np.array([ok]), "errors": np.array([table.num_rows - ok])}

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec import AbstractFileSystem
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
-_SECRET_QUERY = re.compile(r"(?i)([?&][^=&\s]*(?:token|secret|key|signature|password|credential)[^=&\s]*=)[^&\s]+")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&][^=&\s\"']*(?:token|secret|key|signature|password|credential|sig|sas)[^=&\s\"']*=)[^&\s\"']+"
+)
 
 
 def open_fs(uri: str, *, endpoint_url: str | None = None) -> tuple[AbstractFileSystem, str]:
@@ -53,8 +56,19 @@ def redact(text: str) -> str:
             host += f":{parts.port}"
         return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
-    text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s@]+@[^\s]*", _strip_userinfo, text)
+    text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s@\"']+@[^\s\"']*", _strip_userinfo, text)
     return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def redact_values(value: Any) -> Any:
+    """`redact` applied to every string inside nested dicts and lists (e.g. a job spec before it is recorded)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(v) for v in value]
+    return value
 
 
 def arrow_filesystem(uri: str, endpoint_url: str | None = None):

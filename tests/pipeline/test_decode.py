@@ -192,3 +192,13 @@ def test_read_bytes_never_repeats_credentials() -> None:
     with pytest.raises(DecodeError) as info:
         read_bytes("https://alice:s3cr3t@127.0.0.1:9/x.png?token=abc")
     assert "s3cr3t" not in str(info.value) and "abc" not in str(info.value)
+
+
+def test_blank_manifest_cells_mean_no_label(tmp_path) -> None:
+    from segmill.pipeline.listing import iter_image_batches
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_uri,label_uri\na.png,a_label.png\nb.png,\n")
+    table = next(iter_image_batches(str(manifest)))
+    assert table.to_pylist() == [{"image_uri": "a.png", "label_uri": "a_label.png"},
+                                 {"image_uri": "b.png", "label_uri": None}]

@@ -58,3 +58,12 @@ def test_join_uri_keeps_the_scheme() -> None:
     assert join_uri("memory://x") == "memory://x"
     assert protocol_of(join_uri("s3://bucket", "a")) == "s3"
     assert protocol_of("/tmp/out") == "file"
+
+
+def test_redact_values_cleans_a_spec_without_breaking_its_structure() -> None:
+    from segmill.pipeline.storage import redact_values
+
+    spec = {"input": "https://h/m.csv?token=S1", "endpoint_url": "http://u:p@host:9000",
+            "labels": ["https://acct/c/x.png?sv=1&sig=S2"], "scales": [1.0]}
+    assert redact_values(spec) == {"input": "https://h/m.csv?token=***", "endpoint_url": "http://host:9000",
+                                   "labels": ["https://acct/c/x.png?sv=1&sig=***"], "scales": [1.0]}
