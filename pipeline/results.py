@@ -155,3 +155,22 @@ def committed_rows(output: str, endpoint_url: str | None, columns: list[str]) ->
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def uri_keys(uris: np.ndarray) -> np.ndarray:
+    """64-bit keys of URIs: a million committed images take 8 MB to check against, not a set of strings."""
+    return np.array([int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uris],
+                    dtype=np.uint64)
+
+
+def committed_keys(output: str, endpoint_url: str | None) -> np.ndarray:
+    """Sorted keys of the image URIs already committed under OUTPUT (for resume and recovery)."""
+    return np.sort(uri_keys(committed_rows(output, endpoint_url, ["image_uri"])["image_uri"].to_pylist()))
+
+
+def is_committed(done_keys: np.ndarray, image_uris: list[str]) -> np.ndarray:
+    """Which of `image_uris` (as listed, before redaction) have a committed row, given `committed_keys`."""
+    keys = uri_keys([redact(u) for u in image_uris])
+    if not len(done_keys):
+        return np.zeros(len(keys), dtype=bool)
+    return done_keys[np.minimum(np.searchsorted(done_keys, keys), len(done_keys) - 1)] == keys

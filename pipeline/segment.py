@@ -12,7 +12,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -21,7 +20,8 @@ from segmill.pipeline.job_record import JobRecord, write_job_record
 from segmill.pipeline.listing import LISTING_SCHEMA, is_manifest, iter_image_batches
 from segmill.pipeline.model_source import ResolvedModel, resolve_model
 from segmill.pipeline.ray_runtime import ensure_ray
-from segmill.pipeline.results import STAGING, committed_rows
+from segmill.pipeline.recovery import commit_lost_rows
+from segmill.pipeline.results import STAGING, committed_keys, committed_rows, is_committed
 from segmill.pipeline.segmenter import Segmenter
 from segmill.pipeline.stages import commit_batch, decode_batch
 from segmill.pipeline.storage import join_uri, open_fs, redact
@@ -50,6 +50,13 @@ def segment(config: SegmentConfig) -> JobRecord:
         for row in _dataset(config, plan).iter_rows():
             files.append(row)
             log.info("committed %s (%d rows)", row["file"], row["rows"])
+        lost = commit_lost_rows(plan.listing_dir, config.output, job_id=plan.job_id, classes=plan.model.spec.classes,
+                                model_name=plan.model.name, model_version=plan.model.version,
+                                endpoint_url=config.endpoint_url, rows_per_file=config.resources.rows_per_file,
+                                row_group_rows=config.resources.row_group_rows)
+        if lost:
+            log.warning("%d images were lost to failed Ray tasks or actors and are recorded as error rows", lost)
+        files.append({"rows": lost})
     counts = committed_rows(config.output, config.endpoint_url, ["job_id", "status"])
     record = JobRecord.build(config, plan.job_id, plan.model.name, plan.model.version, started, counts,
                              processed=sum(int(f["rows"]) for f in files), resumed_from=plan.already_done)
@@ -67,8 +74,7 @@ def prepare(config: SegmentConfig) -> _Plan:
             raise ValueError(f"Labels come from the manifest's label_uri column; drop --labels {redact(config.labels)}.")
         check_label_classes(config.labels, model.spec.classes, config.endpoint_url)
     _check_output(config, job_id, model.version)
-    done = committed_rows(config.output, config.endpoint_url, ["image_uri"])["image_uri"].to_numpy(zero_copy_only=False)
-    done_keys = np.sort(_uri_keys(done))
+    done_keys = committed_keys(config.output, config.endpoint_url)
     fs, listings = open_fs(join_uri(config.output, STAGING, job_id, "listing"), endpoint_url=config.endpoint_url)
     if fs.exists(listings):
         fs.rm(listings, recursive=True)
@@ -84,9 +90,7 @@ def prepare(config: SegmentConfig) -> _Plan:
         total += table.num_rows
         if table["image_uri"].null_count:
             raise ValueError(f"Input {redact(config.input)} has rows without an image_uri; fix the manifest.")
-        keys = _uri_keys(np.array([redact(u) for u in table["image_uri"].to_pylist()], dtype=object))
-        position = np.minimum(np.searchsorted(done_keys, keys), max(len(done_keys) - 1, 0))
-        fresh = table.filter(pa.array(~(done_keys[position] == keys) if len(done_keys) else np.ones(len(keys), bool)))
+        fresh = table.filter(pa.array(~is_committed(done_keys, table["image_uri"].to_pylist())))
         if fresh.num_rows:
             with fs.open(join_uri(root, f"chunk-{chunk:06d}.parquet"), "wb") as f:
                 pq.write_table(fresh.cast(LISTING_SCHEMA), f)
@@ -113,14 +117,6 @@ def check_label_classes(labels: str, model_classes: tuple[str, ...], endpoint_ur
                 raise ValueError(f"Labels at {redact(labels)} have classes {list(names)} but the model predicts "
                                  f"{list(model_classes)}; use a model trained on these classes.")
             return
-
-
-def _uri_keys(uris: np.ndarray) -> np.ndarray:
-    """64-bit keys of URIs: a million committed images take 8 MB to check against, not a set of strings."""
-    import hashlib
-
-    return np.array([int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uris],
-                    dtype=np.uint64)
 
 
 def _check_output(config: SegmentConfig, job_id: str, model_version: str) -> None:
@@ -157,6 +153,7 @@ def _dataset(config: SegmentConfig, plan: _Plan):
     spec = plan.model.spec
     fs, listing_path = arrow_filesystem(plan.listing_dir, config.endpoint_url)
     use_gpu = bool(resources.gpus_per_actor)
+    ray.data.DataContext.get_current().max_errored_blocks = -1  # lost blocks become error rows (recovery.py)
     return (
         ray.data.read_parquet(listing_path, filesystem=fs)
         .map_batches(decode_batch, batch_size=resources.decode_batch_size, batch_format="pyarrow",
