@@ -63,6 +63,10 @@ def _prefix_pairs(input_uri: str, labels_uri: str | None, endpoint_url: str | No
         for name in images:
             label = label_stems.get(posixpath.splitext(name)[0])
             yield with_protocol(fs, posixpath.join(directory, name)), with_protocol(label_fs, label) if label else None
+        # fsspec caches every listed directory; dropping each after use keeps listing memory flat.
+        fs.invalidate_cache(directory)
+        if label_fs:
+            label_fs.invalidate_cache(posixpath.join(label_root, relative))
 
 
 def _label_stems(fs, directory: str) -> dict[str, str]:

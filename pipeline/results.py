@@ -59,7 +59,7 @@ def decode_mask_png(data: bytes) -> np.ndarray:
 
 def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_id: str, model_name: str,
                 model_version: str) -> pa.Table:
-    """Turn the model stage's output rows into result rows (PNG masks, per-class structs, label metrics)."""
+    """Turn model-stage rows (masks already PNG, see `encode_masks`) into result rows: per-class structs, metrics."""
     n, k = len(batch["image_uri"]), len(classes)
     ok = batch["status"] == OK
     pixels = batch["class_pixels"].astype(np.int64)
@@ -80,8 +80,7 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
     def scalar(values: np.ndarray, valid: np.ndarray, kind: pa.DataType) -> pa.Array:
         return pa.array(values, type=kind, mask=~valid | _nan(values))
 
-    masks = [encode_mask_png(batch["mask"][i], int(batch["height"][i]), int(batch["width"][i]), k) if ok[i] else None
-             for i in range(n)]
+    masks = [batch["mask"][i] if ok[i] else None for i in range(n)]
     now = datetime.now(timezone.utc)
     columns = {
         "job_id": pa.array([job_id] * n), "image_uri": pa.array([redact(u) for u in batch["image_uri"].tolist()], pa.string()),

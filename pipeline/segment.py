@@ -23,7 +23,7 @@ from segmill.pipeline.ray_runtime import ensure_ray
 from segmill.pipeline.recovery import commit_lost_rows
 from segmill.pipeline.results import STAGING, committed_keys, committed_rows, is_committed
 from segmill.pipeline.segmenter import Segmenter
-from segmill.pipeline.stages import commit_batch, decode_batch
+from segmill.pipeline.stages import commit_batch, decode_batch, encode_masks
 from segmill.pipeline.storage import join_uri, open_fs, redact
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ def _dataset(config: SegmentConfig, plan: _Plan):
                                                 scales=config.scales, flip=config.flip, tile_size=config.tile_size,
                                                 tile_threshold=config.tile_threshold, max_side=config.max_side,
                                                 low_confidence=config.low_confidence))
+        .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
+                     fn_kwargs=dict(num_classes=spec.num_classes))
         .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,
                      fn_kwargs=dict(classes=spec.classes, output=config.output, job_id=plan.job_id,
                                     model_name=plan.model.name, model_version=plan.model.version,

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from segmill.pipeline.decode import DecodeError, decode_image, decode_label, read_bytes
-from segmill.pipeline.results import ERROR, OK, build_table, commit_table
+from segmill.pipeline.results import ERROR, OK, build_table, commit_table, encode_mask_png
 from segmill.pipeline.storage import redact
 
 
@@ -39,6 +39,15 @@ def decode_batch(batch: pa.Table, *, max_pixels: int, num_classes: int, ignore_i
     # Empty strings and bytes stand for "none": Ray turns None in object columns into NaN between stages.
     return {"image_uri": np.array(images, dtype=object), "label_uri": np.array([u or "" for u in labels], dtype=object),
             "height": height, "width": width, **rows}
+
+
+def encode_masks(batch: dict[str, np.ndarray], *, num_classes: int) -> dict[str, np.ndarray]:
+    """Raw masks to PNG in small batches, so the commit stage buffers compressed masks, not raw pixels."""
+    masks = batch["mask"].astype(object).copy()
+    for i in range(len(masks)):
+        if batch["status"][i] == OK:
+            masks[i] = encode_mask_png(masks[i], int(batch["height"][i]), int(batch["width"][i]), num_classes)
+    return {**batch, "mask": masks}
 
 
 def commit_batch(batch: dict[str, np.ndarray], *, classes: tuple[str, ...], output: str, job_id: str,

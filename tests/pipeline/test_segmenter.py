@@ -9,6 +9,7 @@ import pytest
 from segmill.pipeline.results import ERROR, OK, build_table
 from segmill.pipeline.scenes import SCENE_CLASSES, render_scene
 from segmill.pipeline.segmenter import Segmenter
+from segmill.pipeline.stages import encode_masks
 
 
 def _batch(uris: list[str]) -> dict[str, np.ndarray]:
@@ -36,7 +37,8 @@ def test_a_failing_image_becomes_one_error_row_and_the_rest_are_segmented(tiny_c
     assert list(out["status"]) == [OK, ERROR, OK, OK]
     assert out["error"][1].startswith("poison.png failed in the model (RuntimeError")
     assert out["mask"][1] is None and all(out["mask"][i] is not None for i in (0, 2, 3))
-    table = build_table(out, SCENE_CLASSES, job_id="j", model_name="m", model_version="1")
+    table = build_table(encode_masks(out, num_classes=len(SCENE_CLASSES)), SCENE_CLASSES, job_id="j", model_name="m",
+                        model_version="1")
     assert table["status"].to_pylist() == [OK, ERROR, OK, OK] and table["mask"].null_count == 1
 
 
