@@ -22,16 +22,17 @@ class DecodeError(ValueError):
     """An input that cannot become an image row; its message is the row's `error`."""
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
-    """The file's bytes; a one-sentence DecodeError when it cannot be read."""
+def read_bytes(uri: str, endpoint_url: str | None = None, *, what: str = "") -> bytes:
+    """The file's bytes; a one-sentence DecodeError when it cannot be read (`what`, e.g. "Label", prefixes it)."""
     try:
         fs, path = open_fs(uri, endpoint_url=endpoint_url)
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise DecodeError(f"{redact(uri)} was not found.") from None
+        raise DecodeError(f"{what} {redact(uri)} was not found.".lstrip()) from None
     except Exception as exc:  # network, permissions: the reason goes into the row
-        raise DecodeError(f"{redact(uri)} could not be read ({type(exc).__name__}: {redact(str(exc))[:200]}).") from None
+        reason = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
+        raise DecodeError(f"{what} {redact(uri)} could not be read ({reason}).".lstrip()) from None
 
 
 def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:

@@ -28,7 +28,7 @@ def decode_batch(batch: pa.Table, *, max_pixels: int, num_classes: int, ignore_i
             if label_uri is None and labels_expected:
                 raise DecodeError(f"No label was found for {redact(image_uri)} under the labels prefix.")
             if label_uri is not None:
-                label = decode_label(read_bytes(label_uri, endpoint_url), label_uri, image.shape[:2],
+                label = decode_label(read_bytes(label_uri, endpoint_url, what="Label"), label_uri, image.shape[:2],
                                      num_classes, ignore_index)
                 rows["label"][i] = label.tobytes()
         except DecodeError as exc:

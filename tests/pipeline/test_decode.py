@@ -179,6 +179,9 @@ def test_read_bytes_of_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DecodeError) as info:
         read_bytes(str(tmp_path / "gone.png"))
     assert str(info.value) == f"{tmp_path / 'gone.png'} was not found."
+    with pytest.raises(DecodeError) as info:
+        read_bytes(str(tmp_path / "gone.png"), what="Label")
+    assert str(info.value) == f"Label {tmp_path / 'gone.png'} was not found."
 
 
 def test_read_bytes_of_a_directory(tmp_path: Path) -> None:
