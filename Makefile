@@ -6,7 +6,7 @@ STAMP := $(VENV)/.segmill-installed
 STATE ?= .segmill
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow bench venv clean
+.PHONY: run test test-gpu venv clean
 
 venv: $(STAMP)
 
@@ -24,8 +24,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+# On a machine with CUDA: the device-only checks (they are skipped, not run, by `make test`).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(STATE) .pytest_cache
