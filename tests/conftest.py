@@ -207,3 +207,15 @@ def make_sample_files(max_pixels: int = 300 * 300) -> dict[str, SampleFile]:
 @pytest.fixture(scope="session")
 def sample_files() -> dict[str, SampleFile]:
     return make_sample_files()
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spinning threads make
+    them 100x slower; one thread keeps these tests fast whatever else is running."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,14 +15,7 @@ from segmill.models.checkpoint import CHECKPOINT_FORMAT, ModelSpec, default_pale
 CLASSES = ("background", "road", "car")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spinning threads make
-    them 100x slower; one thread keeps these tests fast whatever else is running."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_unet() -> nn.Module:

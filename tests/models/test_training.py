@@ -17,14 +17,7 @@ from segmill.models.training import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spinning threads make
-    them 100x slower; one thread keeps these tests fast whatever else is running."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pattern_batch() -> tuple[torch.Tensor, torch.Tensor]:
