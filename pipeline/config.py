@@ -91,20 +91,31 @@ class SegmentConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "job spec") -> "SegmentConfig":
         data = dict(data)
         resources = data.pop("resources", None)
-        resources = _typed(ResourceConfig, {} if resources is None else resources, f"{source} resources")
-        return _typed(cls, {**data, "resources": resources}, source)
+        resources = typed_from_dict(ResourceConfig, {} if resources is None else resources, f"{source} resources")
+        return typed_from_dict(cls, {**data, "resources": resources}, source)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: dict[str, Any] | None = None) -> "SegmentConfig":
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"Job spec {path} must be a mapping of keys to values.")
+        data = read_spec_file(path)
         data.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_dict(data, source=f"job spec {path}")
 
 
-def _typed(cls: type, data: dict[str, Any], source: str) -> Any:
+def read_spec_file(path: str) -> dict[str, Any]:
+    """A YAML job spec as a dict, with a one-sentence error for a missing file, bad YAML or a non-mapping."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ValueError(f"Job spec {path} cannot be read ({exc.strerror or exc}).") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"Job spec {path} is not valid YAML ({exc.__class__.__name__}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"Job spec {path} must be a mapping of keys to values.")
+    return data
+
+
+def typed_from_dict(cls: type, data: dict[str, Any], source: str) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type, one sentence each."""
     if not isinstance(data, dict):
         raise ValueError(f"The {source} must be a mapping of keys to values, not {data!r}.")
@@ -123,11 +134,15 @@ def _typed(cls: type, data: dict[str, Any], source: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a simple type hint (scalars, optional scalars, tuple of floats)."""
+    """Check `value` against a simple type hint (scalars, optional scalars, tuple of floats, dict)."""
     if value is None or isinstance(value, ResourceConfig):
         return value
     options = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
     kind = options[0]
+    if kind is dict or get_origin(kind) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"The {where} must be a mapping of names to values, not {value!r}.")
+        return dict(value)
     if get_origin(kind) is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
