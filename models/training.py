@@ -15,13 +15,36 @@ POLY_POWER = 0.9
 
 
 def segmentation_loss(
-    outputs: dict[str, torch.Tensor], target: torch.Tensor, *, ignore_index: int = 255, aux_weight: float = AUX_LOSS_WEIGHT
+    outputs: dict[str, torch.Tensor], target: torch.Tensor, *, ignore_index: int = 255, aux_weight: float = AUX_LOSS_WEIGHT,
+    ohem_fraction: float | None = None,
 ) -> torch.Tensor:
-    """Per-pixel cross-entropy on the logits at target size, plus the auxiliary head's loss when present."""
-    loss = F.cross_entropy(outputs["out"], target, ignore_index=ignore_index)
+    """Per-pixel cross-entropy on the logits at target size, plus the auxiliary head's loss when present.
+
+    With `ohem_fraction`, only that share of the labelled pixels with the highest loss counts (online hard
+    example mining, or bootstrapped cross-entropy), for the main and the auxiliary head alike.
+    """
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        if ohem_fraction is None:
+            return F.cross_entropy(logits, target, ignore_index=ignore_index)
+        return hard_pixel_cross_entropy(logits, target, ohem_fraction, ignore_index=ignore_index)
+
+    loss = loss_of(outputs["out"])
     if "aux" in outputs:
-        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], target, ignore_index=ignore_index)
+        loss = loss + aux_weight * loss_of(outputs["aux"])
     return loss
+
+
+def hard_pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, fraction: float, *,
+                             ignore_index: int = 255) -> torch.Tensor:
+    """Mean cross-entropy of the `fraction` of labelled pixels with the highest loss (at least one pixel)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"The hard-pixel fraction must lie in (0, 1], got {fraction}.")
+    per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    labelled = per_pixel[target != ignore_index]
+    if labelled.numel() == 0:
+        return per_pixel.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) alive on an all-ignore batch
+    kept = max(1, math.ceil(labelled.numel() * fraction))
+    return labelled.topk(kept, sorted=False).values.mean()
 
 
 def poly_lr_lambda(total_steps: int, power: float = POLY_POWER):
@@ -76,10 +99,11 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
     ignore_index: int = 255,
+    ohem_fraction: float | None = None,
 ) -> float:
     """One SGD step; returns the loss. Raises if the loss is not finite, since training would be wasted."""
     model.train()
-    loss = segmentation_loss(model(images), masks, ignore_index=ignore_index)
+    loss = segmentation_loss(model(images), masks, ignore_index=ignore_index, ohem_fraction=ohem_fraction)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"Training loss became {loss.item()}; lower the learning rate.")
     optimizer.zero_grad(set_to_none=True)
