@@ -1,0 +1,165 @@
+"""CLI commands for job specs: `submit`, `run-spec`, and `jobs list|status|logs|stop|history`.
+
+Registered on the main app by `register(app)` (the last lines of cli.py); `_fail` and `console` come from cli.py
+when a command runs, so importing this module never imports cli.py.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+
+ADDRESS_HELP = "Ray Jobs API address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)."
+HISTORY_HELP = "Job history folder, local or s3:// (default: $SEGMILL_HISTORY or .segmill/history)."
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs on a Ray cluster, and the job history.")
+
+
+def _cli():
+    from segmill.jobs import cli
+
+    return cli
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    _cli().console.print(json.dumps(result, indent=2, default=str), highlight=False, soft_wrap=True)
+
+
+def submit(
+    spec: str = typer.Argument(..., help="YAML job spec: kind (segment, train or evaluate) plus that kind's keys."),
+    address: Optional[str] = typer.Option(None, help="Ray Jobs API address, e.g. http://HEAD:8265; without one the job runs here, in-process."),
+    history: Optional[str] = typer.Option(None, help=HISTORY_HELP),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check inputs, outputs and the tracking server from here first (skip when only the cluster can reach them)."),
+) -> None:
+    """Validate a job spec, then submit it to a Ray cluster (prints the job id at once) or run it here."""
+    from segmill.jobs.specs import run_spec
+
+    try:
+        result = run_spec(spec, address=address, history_uri=history, check=check)
+    except (ValueError, OSError, TypeError) as exc:
+        _cli()._fail(exc)
+    if address:
+        _cli().console.print(result["job_id"], highlight=False)
+    else:
+        _print_result(result)
+
+
+def run_spec_command(
+    spec: str = typer.Argument(..., help="YAML job spec: kind (segment, train or evaluate) plus that kind's keys."),
+    job_id: Optional[str] = typer.Option(None, help="Id recorded in the job history (default: a new one)."),
+    history: Optional[str] = typer.Option(None, help=HISTORY_HELP),
+) -> None:
+    """Run a job spec in this process (what a submitted job runs on the cluster)."""
+    from segmill.jobs.specs import check_inputs, load_spec, new_job_id, run_local
+
+    try:
+        job = load_spec(spec)
+        check_inputs(job)
+        result = run_local(job, job_id=job_id or new_job_id(job.kind), history_uri=history)
+    except (ValueError, OSError, TypeError) as exc:
+        _cli()._fail(exc)
+    _print_result(result)
+
+
+@jobs_app.command("list")
+def list_command(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+                 all_jobs: bool = typer.Option(False, "--all", help="Also list jobs that segmill did not submit."),
+                 history: Optional[str] = typer.Option(None, help=HISTORY_HELP)) -> None:
+    """List the jobs on a Ray cluster, newest first."""
+    from segmill.jobs.submit import list_jobs, observe
+
+    try:
+        rows = list_jobs(address, everything=all_jobs)
+        for row in rows:
+            observe(row, history)
+    except (ValueError, OSError) as exc:
+        _cli()._fail(exc)
+    table = _table("job id", "kind", "status", "started", "ended")
+    for row in rows:
+        table.add_row(row["job_id"], row["kind"] or "", row["status"], row["start_time"] or "", row["end_time"] or "")
+    _cli().console.print(table)
+
+
+@jobs_app.command("status")
+def status_command(job_id: str = typer.Argument(..., help="Job id printed by `segmill submit`."),
+                   address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+                   history: Optional[str] = typer.Option(None, help=HISTORY_HELP)) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED) and its message."""
+    from segmill.jobs.submit import job_info, observe
+
+    try:
+        row = job_info(job_id, address)
+        observe(row, history)
+    except (ValueError, OSError) as exc:
+        _cli()._fail(exc)
+    _cli().console.print(f"{row['status']}" + (f": {row['message']}" if row["message"] else ""), highlight=False)
+
+
+@jobs_app.command("logs")
+def logs_command(job_id: str = typer.Argument(..., help="Job id printed by `segmill submit`."),
+                 address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> None:
+    """Print a job's driver logs so far."""
+    from segmill.jobs.submit import job_logs
+
+    try:
+        text = job_logs(job_id, address)
+    except (ValueError, OSError) as exc:
+        _cli()._fail(exc)
+    _cli().console.print(text, markup=False, highlight=False, end="")
+
+
+@jobs_app.command("stop")
+def stop_command(job_id: str = typer.Argument(..., help="Job id printed by `segmill submit`."),
+                 address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> None:
+    """Ask the cluster to stop a job."""
+    from segmill.jobs.submit import stop_job
+
+    try:
+        stopped = stop_job(job_id, address)
+    except (ValueError, OSError) as exc:
+        _cli()._fail(exc)
+    _cli().console.print(f"{job_id}: {'stopping' if stopped else 'already finished'}", highlight=False)
+
+
+@jobs_app.command("history")
+def history_command(history: Optional[str] = typer.Option(None, help=HISTORY_HELP),
+                    kind: Optional[str] = typer.Option(None, help="Only jobs of this kind (segment, train, evaluate)."),
+                    limit: int = typer.Option(20, help="Most jobs to show, newest first."),
+                    sql: Optional[str] = typer.Option(None, help="SQL over the views `jobs` (one row per job) and `history` (every event) instead.")) -> None:
+    """Print the job history: id, kind, status, times, output and model version of each job."""
+    import duckdb
+
+    from segmill.jobs.history import connect_history, read_jobs
+
+    try:
+        if sql:
+            _cli().console.print(connect_history(history).sql(sql))
+            return
+        rows = read_jobs(history, kind=kind, limit=limit)
+    except (ValueError, OSError, duckdb.Error) as exc:
+        _cli()._fail(ValueError(f"Reading the job history failed: {exc}"))
+    table = _table("job id", "kind", "status", "submitted", "finished", "output", "model version")
+    for row in rows:
+        table.add_row(*(_cell(row[k]) for k in ("job_id", "kind", "status", "submitted_at", "finished_at", "output",
+                                                  "model_version")))
+    _cli().console.print(table)
+
+
+def _table(*headers: str):
+    """A table whose cells wrap instead of being cut: ids and URIs must stay copyable."""
+    from rich.table import Column, Table
+
+    return Table(*(Column(h, overflow="fold") for h in headers))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else str(value)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `submit`, `run-spec` and the `jobs` group to the segmill app."""
+    app.command("submit")(submit)
+    app.command("run-spec")(run_spec_command)
+    app.add_typer(jobs_app, name="jobs")

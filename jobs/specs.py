@@ -1,0 +1,207 @@
+"""Job specs: YAML with `kind: segment|train|evaluate` plus that kind's keys, validated before anything runs.
+
+    kind: segment
+    input: s3://bucket/images/
+    output: s3://bucket/results/
+    model: models:/roads@champion
+
+`load_spec` checks keys and types (the kind's typed config), `check_inputs` checks that inputs can be listed,
+outputs written and the tracking server reached, one sentence each; `run_spec` runs a spec in this process or
+submits it to a Ray cluster, and writes what happened to the job history.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from segmill.jobs import history
+from segmill.pipeline.config import SegmentConfig, read_spec_file
+from segmill.pipeline.evaluate import EvaluateConfig
+from segmill.pipeline.storage import join_uri, open_fs, redact
+from segmill.pipeline.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+KINDS: dict[str, type] = {"segment": SegmentConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated spec: its kind, its typed config, and the raw mapping it came from (for submission)."""
+
+    kind: str
+    config: Any
+    source: str
+    data: dict[str, Any]
+
+    @property
+    def output(self) -> str:
+        return self.config.storage_path if self.kind == "train" else self.config.output
+
+
+def load_spec(spec: str | dict[str, Any]) -> JobSpec:
+    """Read (a path) and validate a spec; raises ValueError naming the spec and the bad key or value."""
+    source = f"job spec {spec}" if isinstance(spec, str) else "job spec"
+    data = dict(read_spec_file(spec) if isinstance(spec, str) else spec)
+    kind = data.pop("kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"The {source} needs 'kind' set to one of {sorted(KINDS)}, not {kind!r}.")
+    config = KINDS[kind].from_dict(data, source=f"{kind} {source}")
+    return JobSpec(kind, config, source, {"kind": kind, **data})
+
+
+def new_job_id(kind: str) -> str:
+    return f"{kind}-{history.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+# ---- reachability: every input listed, every output written, the tracking server asked, before any work
+
+def check_inputs(spec: JobSpec) -> None:
+    """Fail in one sentence if an input cannot be listed, an output written, or the tracking server reached."""
+    c, where = spec.config, f"The {spec.kind} {spec.source}"
+    if spec.kind == "segment":
+        readable = {"input": c.input, "labels": c.labels}
+        writable = {"output": c.output}
+        tracking = _registry_tracking(c.model)
+        readable["model"] = checkpoint_path(c.model)
+    elif spec.kind == "evaluate":
+        readable = {"images": c.images, "labels": c.labels}
+        writable = {"output": c.output}
+        tracking = c.tracking_uri or _registry_tracking(c.model)
+        if c.registered() and not tracking:
+            from segmill.pipeline.evaluate import resolved_tracking_uri
+
+            tracking = resolved_tracking_uri(None)
+    else:
+        readable = {"images": c.images, "labels": c.labels, "classes": c.classes, "val_images": c.val_images,
+                    "val_labels": c.val_labels, "hard_classes_from": c.hard_classes_from,
+                    "init_from": None if (c.init_from or "").startswith("models:/") else c.init_from}
+        writable = {"storage_path": c.storage_path}
+        tracking = c.resolved_tracking_uri()
+    endpoint = getattr(c, "endpoint_url", None)
+    for key, uri in readable.items():
+        if uri:
+            check_listable(uri, f"{where}: {key}", endpoint)
+    for key, uri in writable.items():
+        check_writable(uri, f"{where}: {key}", endpoint)
+    if tracking:
+        from segmill.pipeline.tracking import check_reachable
+
+        check_reachable(tracking)
+
+
+def checkpoint_path(model: str) -> str | None:
+    """The checkpoint file a MODEL names, or None for registry URIs, `ARCH:TAG` and bare architectures."""
+    from segmill.models.registry import list_models
+
+    if model.startswith("models:/") or model in list_models() or model.split(":", 1)[0] in list_models():
+        return None
+    return model
+
+
+def _registry_tracking(model: str) -> str | None:
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") if model.startswith("models:/") else None
+
+
+def check_listable(uri: str, what: str, endpoint_url: str | None = None) -> None:
+    """`uri` exists and, when it is a folder, can be listed."""
+    try:
+        fs, path = open_fs(uri, endpoint_url=endpoint_url)
+        if not fs.exists(path):
+            raise ValueError(f"{what} {redact(uri)} does not exist.")
+        if fs.isdir(path):
+            fs.ls(path, detail=False)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{what} {redact(uri)} cannot be listed ({type(exc).__name__}: {_first_line(exc)}).") from None
+
+
+def check_writable(uri: str, what: str, endpoint_url: str | None = None) -> None:
+    """A probe file can be written under `uri` and removed; a folder created for the probe is removed too."""
+    try:
+        fs, path = open_fs(uri, endpoint_url=endpoint_url)
+        existed = fs.exists(path)
+        probe = join_uri(path, f".segmill-write-probe-{secrets.token_hex(4)}")
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+        if not existed and fs.isdir(path) and not fs.ls(path, detail=False):
+            fs.rmdir(path)
+    except Exception as exc:
+        raise ValueError(f"{what} {redact(uri)} cannot be written ({type(exc).__name__}: {_first_line(exc)}).") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
+# ---- running
+
+def run_spec(spec: str | dict[str, Any], *, address: str | None = None, history_uri: str | None = None,
+             job_id: str | None = None, check: bool = True) -> dict[str, Any]:
+    """Run a spec in this process (no address) or submit it to the Ray cluster at `address` (its Jobs API).
+
+    Returns a small dict: job_id, kind, status, output, model_name, model_version (and miou/champion where the
+    kind has them); for a submission, status is PENDING and the id is the Ray submission id.
+    """
+    job = load_spec(spec)
+    if check:
+        check_inputs(job)
+    if address:
+        from segmill.jobs.submit import submit
+
+        return submit(job, address, history_uri=history_uri, job_id=job_id)
+    return run_local(job, job_id=job_id or new_job_id(job.kind), history_uri=history_uri)
+
+
+def run_local(job: JobSpec, *, job_id: str, history_uri: str | None = None) -> dict[str, Any]:
+    """Run `job` here, recording `started` and `finished` events (FAILED with the error's sentence on failure)."""
+    started = history.now()
+    event = dict(job_id=job_id, kind=job.kind)
+    history.record_event(history.JobEvent(**event, event="started", status="RUNNING", spec=job.data,
+                                          submitted_at=started, output=job.output), history_uri)
+    try:
+        result = RUNNERS[job.kind](job.config)
+    except BaseException as exc:
+        history.record_event(history.JobEvent(**event, event="finished", status="FAILED", finished_at=history.now(),
+                                              message=f"{type(exc).__name__}: {_first_line(exc)}"), history_uri)
+        raise
+    history.record_event(history.JobEvent(**event, event="finished", status="SUCCEEDED", finished_at=history.now(),
+                                          output=result["output"], model_name=result.get("model_name"),
+                                          model_version=result.get("model_version")), history_uri)
+    return {"job_id": job_id, "kind": job.kind, "status": "SUCCEEDED", **result}
+
+
+def _run_segment(config: SegmentConfig) -> dict[str, Any]:
+    from segmill.pipeline.segment import segment
+
+    record = segment(config)
+    return {"output": config.output, "model_name": record.model_name, "model_version": record.model_version,
+            "rows": record.rows, "error_rows": record.error_rows}
+
+
+def _run_train(config: TrainConfig) -> dict[str, Any]:
+    from segmill.pipeline.train import train  # imported here: the training module is heavy
+
+    outcome = train(config)
+    return {"output": outcome.checkpoint_uri, "model_name": outcome.model_name,
+            "model_version": None if outcome.model_version is None else str(outcome.model_version),
+            "run_id": outcome.run_id, "champion": outcome.champion, "miou": outcome.val_miou}
+
+
+def _run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    from segmill.pipeline.evaluate import evaluate
+
+    outcome = evaluate(config)
+    return {"output": outcome.output, "model_name": outcome.model_name, "model_version": outcome.model_version,
+            "miou": outcome.miou, "evaluation_run_id": outcome.evaluation_run_id}
+
+
+RUNNERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "segment": _run_segment, "train": _run_train, "evaluate": _run_evaluate,
+}

@@ -1,0 +1,159 @@
+"""Submit specs to a Ray cluster through its Jobs API, and follow them (list, status, logs, stop).
+
+The runtime environment carries segmill itself (`py_modules`: the package's own source, built into a folder
+named `segmill`), so a plain `ray start --head` cluster runs a job without segmill installed; on the project's
+image it is installed already and the shipped copy is the same code. The spec travels as the job's working
+directory; the entrypoint is `segmill run-spec` through the Python that runs the cluster.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from segmill.jobs import history
+from segmill.pipeline.storage import protocol_of, redact
+
+if TYPE_CHECKING:
+    from segmill.jobs.specs import JobSpec
+
+SPEC_FILE = "segmill-job.yaml"
+ENTRYPOINT = 'python -c "from segmill.jobs.cli import main; main()" run-spec'
+KIND_KEY = "segmill.kind"
+# Passed to the job when set here; credentials are not: the cluster brings its own (service account, secrets).
+PASSED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def client(address: str | None):
+    """A Jobs API client for `address` (default $RAY_ADDRESS), or one sentence saying why there is none."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ValueError("No Ray cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS.")
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:
+        raise ValueError(_cluster_error(address, exc)) from None
+
+
+def _cluster_error(address: str, exc: Exception) -> str:
+    if type(exc).__name__ == "AuthenticationError":
+        return (f"The Ray cluster at {redact(address)} wants an authentication token; set RAY_AUTH_MODE=token "
+                "and RAY_AUTH_TOKEN (or ~/.ray/auth_token).")
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return f"The Ray cluster at {redact(address)} cannot be reached through its Jobs API ({type(exc).__name__}: {first})."
+
+
+def package_source(into: Path) -> Path:
+    """Copy segmill's own source (models, pipeline, jobs) into INTO/segmill, as Ray's `py_modules` ships it."""
+    import segmill.jobs
+    import segmill.models
+    import segmill.pipeline
+
+    root = into / "segmill"
+    for package in (segmill.models, segmill.pipeline, segmill.jobs):
+        source = Path(list(package.__path__)[0])
+        shutil.copytree(source, root / package.__name__.rsplit(".", 1)[1],
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
+
+
+def runtime_env(job: "JobSpec", workdir: Path, history_uri: str | None) -> dict[str, Any]:
+    """The job's runtime environment: segmill's source, the spec as working directory, non-secret settings."""
+    (workdir / "spec").mkdir()
+    (workdir / "spec" / SPEC_FILE).write_text(yaml.safe_dump(job.data, sort_keys=False))
+    env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
+    if history_uri:
+        env[history.HISTORY_ENV] = history_uri
+    return {"working_dir": str(workdir / "spec"), "py_modules": [str(package_source(workdir / "code"))],
+            "env_vars": env}
+
+
+def history_for_cluster(history_uri: str | None, address: str) -> str | None:
+    """Where the job itself records its events: the same history when the cluster can reach it (object storage,
+    or a local folder when the cluster runs on this machine), else nowhere (status checks record the end)."""
+    location = history.history_location(history_uri)
+    if protocol_of(location) != "file":
+        return location
+    host = urlsplit(address if "://" in address else f"http://{address}").hostname
+    return os.path.abspath(location.removeprefix("file://")) if host in _LOOPBACK else None
+
+
+def submit(job: "JobSpec", address: str, *, history_uri: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+    """Submit a validated spec; returns at once with the submission id (also the job's id in the history)."""
+    from segmill.jobs.specs import new_job_id
+
+    jobs = client(address)
+    job_id = job_id or new_job_id(job.kind)
+    with tempfile.TemporaryDirectory(prefix="segmill-submit-") as tmp:
+        env = runtime_env(job, Path(tmp), history_for_cluster(history_uri, address))
+        try:
+            submission = jobs.submit_job(entrypoint=f"{ENTRYPOINT} {SPEC_FILE} --job-id {job_id}",
+                                         submission_id=job_id, runtime_env=env,
+                                         metadata={KIND_KEY: job.kind, "segmill.spec": job.source[:200]})
+        except Exception as exc:
+            raise ValueError(f"Submitting {job.source} to {redact(address)} failed "
+                             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}).") from None
+    history.record_event(history.JobEvent(job_id=submission, event="submitted", kind=job.kind, status="PENDING",
+                                          spec=job.data, address=address, submitted_at=history.now(),
+                                          output=job.output), history_uri)
+    return {"job_id": submission, "kind": job.kind, "status": "PENDING", "address": address, "output": job.output}
+
+
+def job_info(job_id: str, address: str | None) -> dict[str, Any]:
+    """Status, message, times and kind of one job on the cluster."""
+    jobs = client(address)
+    try:
+        info = jobs.get_job_info(job_id)
+    except Exception:
+        raise ValueError(f"The Ray cluster at {redact(jobs.get_address())} has no job {job_id!r}; "
+                         "see `segmill jobs list`.") from None
+    return _info_row(info)
+
+
+def list_jobs(address: str | None, *, everything: bool = False) -> list[dict[str, Any]]:
+    """Jobs on the cluster, newest first; only segmill's unless `everything`."""
+    jobs = client(address)
+    rows = [_info_row(info) for info in jobs.list_jobs() if everything or KIND_KEY in (info.metadata or {})]
+    return sorted(rows, key=lambda r: r["start_time"] or "", reverse=True)
+
+
+def job_logs(job_id: str, address: str | None) -> str:
+    job_info(job_id, address)  # one sentence for an unknown id
+    return client(address).get_job_logs(job_id)
+
+
+def stop_job(job_id: str, address: str | None) -> bool:
+    job_info(job_id, address)
+    return client(address).stop_job(job_id)
+
+
+def _info_row(info: Any) -> dict[str, Any]:
+    def when(ms: int | None) -> str | None:
+        return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
+
+    return {"job_id": info.submission_id or info.job_id, "kind": (info.metadata or {}).get(KIND_KEY),
+            "status": str(getattr(info.status, "value", info.status)), "message": info.message,
+            "start_time": when(info.start_time), "end_time": when(info.end_time), "entrypoint": info.entrypoint}
+
+
+def observe(row: dict[str, Any], history_uri: str | None = None) -> None:
+    """Record a terminal state seen on the cluster when the history knows the job but not how it ended."""
+    if row["status"] not in history.TERMINAL:
+        return
+    known = history.job_state(row["job_id"], history_uri)
+    if known is None or known["status"] in history.TERMINAL:
+        return
+    ended = datetime.fromisoformat(row["end_time"]) if row["end_time"] else history.now()
+    history.record_event(history.JobEvent(job_id=row["job_id"], event="observed", kind=row["kind"],
+                                          status=row["status"], finished_at=ended,
+                                          message=row["message"] if row["status"] != "SUCCEEDED" else None),
+                         history_uri)
