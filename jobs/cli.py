@@ -96,23 +96,6 @@ def list_models_command(flops: bool = typer.Option(False, help="Also measure GFL
 
 
 @app.command()
-def query(
-    results: str = typer.Argument(..., help="Results folder of a segment job."),
-    sql: str = typer.Argument(..., help="SQL over the view `results`, e.g. \"SELECT image_uri, miou FROM results ORDER BY miou LIMIT 5\"."),
-    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)."),
-) -> None:
-    """Run SQL over a results table (DuckDB)."""
-    import duckdb
-
-    from segmill.jobs.query import connect
-
-    try:
-        console.print(connect(results, endpoint_url=endpoint_url).sql(sql))
-    except duckdb.Error as exc:
-        _fail(ValueError(f"Query failed: {exc}"))
-
-
-@app.command()
 def demo(state: Path = typer.Option(Path(".segmill"), help="Folder for the demo model, images and results."),
          images: int = typer.Option(64, help="Number of generated images to segment.")) -> None:
     """The embedded default job: train (once) a small U-Net on generated scenes, then segment new ones."""
@@ -123,3 +106,7 @@ def demo(state: Path = typer.Option(Path(".segmill"), help="Folder for the demo 
 
 def main() -> None:
     app()
+
+
+from segmill.jobs import cli_schedule  # noqa: E402  (schedule, scheduler, query, show)
+cli_schedule.register(app)

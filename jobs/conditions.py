@@ -30,30 +30,33 @@ class Check:
 
 
 def load_spec(path: str) -> dict[str, Any]:
-    """The job spec as a dict, checked by `segmill.jobs.specs` where it offers a loader, else for a known `kind`."""
-    data = read_spec_file(path)
-    kind = data.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"Job spec {path} needs 'kind' set to one of {', '.join(KINDS)}, not {kind!r}.")
-    try:
-        from segmill.jobs import specs
-    except ImportError:
-        return data
-    loader = getattr(specs, "load_spec", None)
-    if callable(loader):
-        loader(path)  # raises its own one-sentence ValueError for an invalid spec
-    return data
+    """The job spec as a dict, validated by `segmill.jobs.specs.load_spec` (keys and types of its kind)."""
+    return _load(path)[0]
 
 
 def train_config(path: str):
-    """The TrainConfig of a train spec (keys beside `kind`, or under a `train:` mapping)."""
-    from segmill.pipeline.train_config import TrainConfig
-
-    data = load_spec(path)
+    """The TrainConfig of a train spec."""
+    data, config = _load(path)
     if data["kind"] != "train":
         raise ValueError(f"Job spec {path} is a {data['kind']} job; data conditions need a train spec.")
-    body = data["train"] if isinstance(data.get("train"), dict) else {k: v for k, v in data.items() if k != "kind"}
-    return TrainConfig.from_dict(body, source=f"train job spec {path}")
+    return config
+
+
+def _load(path: str) -> tuple[dict[str, Any], Any]:
+    try:
+        from segmill.jobs.specs import load_spec as load_job_spec
+    except ImportError:  # specs is optional here: fall back to the same checks for kind and train keys
+        data = read_spec_file(path)
+        if data.get("kind") not in KINDS:
+            raise ValueError(f"The job spec {path} needs 'kind' set to one of {sorted(KINDS)}, not {data.get('kind')!r}.")
+        if data["kind"] != "train":
+            return data, None
+        from segmill.pipeline.train_config import TrainConfig
+
+        body = {k: v for k, v in data.items() if k != "kind"}
+        return data, TrainConfig.from_dict(body, source=f"train job spec {path}")
+    job = load_job_spec(path)
+    return job.data, job.config
 
 
 def check_spec_for(schedule: Schedule) -> None:

@@ -92,9 +92,10 @@ def add_schedule(store: ScheduleStore, name: str, spec: str, *, cron: str | None
 class Scheduler:
     """Checks every schedule of `store` against the clock `now` (UTC) and fires through `fire`."""
 
-    def __init__(self, store: ScheduleStore, *, fire: FireFn = default_fire, now: Callable[[], datetime] = utc_now,
+    def __init__(self, store: ScheduleStore, *, fire: FireFn | None = None, now: Callable[[], datetime] = utc_now,
                  address: str | None = None, interval_s: float = DEFAULT_INTERVAL_S) -> None:
-        self.store, self.fire, self.now, self.address, self.interval_s = store, fire, now, address, interval_s
+        self.store, self.now, self.address, self.interval_s = store, now, address, interval_s
+        self.fire = fire or default_fire
 
     def check(self) -> list[Outcome]:
         """One pass: fire what is due now. A schedule that cannot be checked is logged; the others go on."""
