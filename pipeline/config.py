@@ -10,6 +10,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger images are usually decompression bombs or need tiling offline
 
 
@@ -27,11 +28,23 @@ class ResourceConfig:
     decode_batch_size: int = 16
     rows_per_file: int = 1000
     row_group_rows: int = 100
+    # The model's fast path (see models/predict.py). Masks stay identical in fp32, channels-last included;
+    # bf16/fp16 autocast agrees with fp32 on a stated share of pixels (tests/pipeline/test_fastpath.py).
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    pin_memory: bool | None = None
+    gpu_jpeg_decode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Resource precision {self.precision!r} must be one of {list(PRECISIONS)}.")
 
     def resolve(self, cluster: dict[str, float]) -> "ResourceConfig":
         """Fill the unset numbers from the cluster: one actor per GPU, or half-CPU single-thread actors on CPU.
 
         On CPU, half-CPU actors leave the other half of the machine to read and decode (measured best on 2 cores).
+        Host memory is pinned (for asynchronous copies) only where there is a GPU to copy to.
         """
         gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
         if self.gpus_per_actor or (self.gpus_per_actor is None and gpus):
@@ -41,6 +54,7 @@ class ResourceConfig:
         else:
             defaults = dict(batch_size=4, actors_max=cpus, gpus_per_actor=0.0, cpus_per_actor=0.5, torch_threads=1)
         values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
+        values["pin_memory"] = bool(gpus) if self.pin_memory is None else self.pin_memory
         values["actors_min"] = self.actors_min or 1
         values["actors_max"] = max(values["actors_max"], values["actors_min"])
         return dataclasses.replace(self, **values)

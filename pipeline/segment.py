@@ -160,7 +160,8 @@ def _dataset(config: SegmentConfig, plan: _Plan):
                      num_cpus=resources.decode_cpus,
                      fn_kwargs=dict(max_pixels=config.max_pixels, num_classes=spec.num_classes,
                                     ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url,
-                                    labels_expected=config.labels is not None))
+                                    labels_expected=config.labels is not None,
+                                    gpu_jpeg=resources.gpu_jpeg_decode))
         .map_batches(Segmenter, batch_size=resources.batch_size, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
                      num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
@@ -170,7 +171,9 @@ def _dataset(config: SegmentConfig, plan: _Plan):
                                                 torch_threads=resources.torch_threads, batch_size=resources.batch_size,
                                                 scales=config.scales, flip=config.flip, tile_size=config.tile_size,
                                                 tile_threshold=config.tile_threshold, max_side=config.max_side,
-                                                low_confidence=config.low_confidence))
+                                                low_confidence=config.low_confidence, precision=resources.precision,
+                                                channels_last=resources.channels_last, compile=resources.compile,
+                                                pin_memory=bool(resources.pin_memory)))
         .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
                      fn_kwargs=dict(num_classes=spec.num_classes))
         .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,

@@ -1,7 +1,9 @@
 """The model stage of the bulk job: a callable class loaded once per Ray actor.
 
 Everything per pixel (softmax, argmax, confidence, class histogram, confusion with the label) happens on the
-actor's device; only the uint8 mask and small vectors go back to the CPU.
+actor's device; only the uint8 mask and small vectors go back to the CPU, in one round of copies per bucket of
+images (one device synchronisation, not one per statistic). With `gpu_jpeg_decode`, JPEGs arrive still encoded
+(see stages.decode_batch) and are decoded here with torchvision's nvJPEG decoder on the actor's GPU.
 """
 from __future__ import annotations
 
@@ -21,16 +23,20 @@ class Segmenter:
 
     def __init__(self, checkpoint: bytes, *, use_gpu: bool, torch_threads: int, batch_size: int,
                  scales: tuple[float, ...] = (1.0,), flip: bool = False, tile_size: int = 512,
-                 tile_threshold: int = 2048 * 2048, max_side: int | None = None, low_confidence: float = 0.5):
+                 tile_threshold: int = 2048 * 2048, max_side: int | None = None, low_confidence: float = 0.5,
+                 precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                 pin_memory: bool = False):
         torch.set_num_threads(max(1, torch_threads))
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = device
         model, self.spec = load_checkpoint(checkpoint, map_location=device)
         self.num_classes = self.spec.num_classes
         self.mask_dtype = mask_dtype(self.num_classes)
         self.low_confidence = low_confidence
         self.predictor = Predictor(model, mean=self.spec.mean, std=self.spec.std, device=device, scales=scales,
                                    flip=flip, tile_size=tile_size, tile_threshold=tile_threshold,
-                                   max_side=max_side, batch_size=batch_size)
+                                   max_side=max_side, batch_size=batch_size, precision=precision,
+                                   channels_last=channels_last, compile=compile, pin_memory=pin_memory)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, k = len(batch["image_uri"]), self.num_classes
@@ -71,22 +77,39 @@ class Segmenter:
             self._segment_bucket(batch, bucket, masks, stats, class_pixels, confusion)
 
     def _segment_bucket(self, batch, indices, masks, stats, class_pixels, confusion) -> None:
-        images = [_image(batch, i) for i in indices]
+        images = [_image(batch, i, self.device) for i in indices]
+        found: list[tuple] = []
         for position, probs in self.predictor.iter_probs(images):
             i = indices[position]
             top, mask = probs.max(0)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(0)
-            summary = torch.stack([top.mean(), entropy.mean(), (top < self.low_confidence).float().mean()])
-            stats[i] = summary.double().cpu().numpy()
-            class_pixels[i] = torch.bincount(mask.flatten(), minlength=self.num_classes).cpu().numpy()
+            summary = torch.stack([top.mean(), entropy.mean(), (top < self.low_confidence).float().mean()]).double()
+            histogram = torch.bincount(mask.flatten(), minlength=self.num_classes)
+            counts = None
             if len(batch["label"][i]):
                 label = torch.from_numpy(_label(batch, i)).to(mask.device, non_blocking=True)
-                confusion[i] = confusion_matrix(mask, label, self.num_classes, self.spec.ignore_index).cpu().numpy()
-            masks[i] = mask.to(torch.int32 if self.mask_dtype != np.uint8 else torch.uint8).cpu().numpy() \
-                .astype(self.mask_dtype).tobytes()
+                counts = confusion_matrix(mask, label, self.num_classes, self.spec.ignore_index)
+            mask = mask.to(torch.int32 if self.mask_dtype != np.uint8 else torch.uint8)
+            found.append((i, summary, histogram, counts, mask))
+        # Copies are queued without waiting; one synchronisation for the whole bucket, then the numbers are read.
+        copied = [[None if t is None else t.to("cpu", non_blocking=True) for t in row[1:]] for row in found]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for (i, *_), (summary, histogram, counts, mask) in zip(found, copied):
+            stats[i], class_pixels[i] = summary.numpy(), histogram.numpy()
+            if counts is not None:
+                confusion[i] = counts.numpy()
+            masks[i] = mask.numpy().astype(self.mask_dtype).tobytes()
 
 
-def _image(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+def _image(batch: dict[str, np.ndarray], i: int, device: torch.device) -> np.ndarray | torch.Tensor:
+    """Row i's HxWx3 image: raw pixels from the decode stage, or a JPEG decoded here (on the GPU if there is one)."""
+    encoded = batch.get("jpeg")
+    if encoded is not None and len(encoded[i]):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0)
     h, w = int(batch["height"][i]), int(batch["width"][i])
     return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3)
 
@@ -94,5 +117,3 @@ def _image(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
 def _label(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
     h, w = int(batch["height"][i]), int(batch["width"][i])
     return np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
-
-

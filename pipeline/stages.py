@@ -4,41 +4,69 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from segmill.pipeline.decode import DecodeError, decode_image, decode_label, read_bytes
+from segmill.pipeline.decode import DecodeError, _open, decode_image, decode_label, read_bytes
 from segmill.pipeline.results import ERROR, OK, build_table, commit_table, encode_mask_png
 from segmill.pipeline.storage import redact
 
 
 def decode_batch(batch: pa.Table, *, max_pixels: int, num_classes: int, ignore_index: int,
-                 endpoint_url: str | None, labels_expected: bool = False) -> dict[str, np.ndarray]:
+                 endpoint_url: str | None, labels_expected: bool = False,
+                 gpu_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Listing rows in; raw RGB pixels (and label indices) out, or an error row with the reason.
 
-    With `labels_expected` (the job has a labels prefix), an image without a label is an error row.
+    With `labels_expected` (the job has a labels prefix), an image without a label is an error row. With
+    `gpu_jpeg`, plain JPEGs (RGB or grey, no EXIF rotation) are passed on still encoded in a `jpeg` column, for
+    the model actor to decode on its GPU (`Segmenter`); every other file is decoded here as usual.
     """
     n = batch.num_rows
-    rows = {key: np.empty(n, dtype=object) for key in ("status", "error", "pixels", "label")}
+    keys = ("status", "error", "pixels", "label") + (("jpeg",) if gpu_jpeg else ())
+    rows = {key: np.empty(n, dtype=object) for key in keys}
     height, width = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     images, labels = batch["image_uri"].to_pylist(), batch["label_uri"].to_pylist()
     for i, (image_uri, label_uri) in enumerate(zip(images, labels)):
         rows["status"][i], rows["error"][i], rows["pixels"][i], rows["label"][i] = OK, "", b"", b""
+        if gpu_jpeg:
+            rows["jpeg"][i] = b""
         try:
-            image = decode_image(read_bytes(image_uri, endpoint_url), image_uri, max_pixels)
-            height[i], width[i] = image.shape[:2]
-            rows["pixels"][i] = image.tobytes()
+            data = read_bytes(image_uri, endpoint_url)
+            size = _plain_jpeg_size(data, image_uri, max_pixels) if gpu_jpeg else None
+            if size is not None:
+                (height[i], width[i]), rows["jpeg"][i] = size, data
+            else:
+                image = decode_image(data, image_uri, max_pixels)
+                height[i], width[i] = image.shape[:2]
+                rows["pixels"][i] = image.tobytes()
             if label_uri is None and labels_expected:
                 raise DecodeError(f"No label was found for {redact(image_uri)} under the labels prefix.")
             if label_uri is not None:
-                label = decode_label(read_bytes(label_uri, endpoint_url, what="Label"), label_uri, image.shape[:2],
-                                     num_classes, ignore_index)
+                label = decode_label(read_bytes(label_uri, endpoint_url, what="Label"), label_uri,
+                                     (int(height[i]), int(width[i])), num_classes, ignore_index)
                 rows["label"][i] = label.tobytes()
         except DecodeError as exc:
             rows["status"][i], rows["error"][i], rows["pixels"][i], rows["label"][i] = ERROR, str(exc), b"", b""
+            if gpu_jpeg:
+                rows["jpeg"][i] = b""
         except Exception as exc:  # a decoder bug on a malformed file must cost one row, not the job
             reason = f"{redact(image_uri)} could not be decoded ({type(exc).__name__}: {redact(str(exc))[:120]})."
             rows["status"][i], rows["error"][i], rows["pixels"][i], rows["label"][i] = ERROR, reason, b"", b""
+            if gpu_jpeg:
+                rows["jpeg"][i] = b""
     # Empty strings and bytes stand for "none": Ray turns None in object columns into NaN between stages.
     return {"image_uri": np.array(images, dtype=object), "label_uri": np.array([u or "" for u in labels], dtype=object),
             "height": height, "width": width, **rows}
+
+
+def _plain_jpeg_size(data: bytes, uri: str, max_pixels: int) -> tuple[int, int] | None:
+    """(height, width) of a JPEG the GPU decoder reads as the CPU path would (RGB or grey, upright), else None.
+
+    Only the header is parsed; the pixel limit is checked here as for any image.
+    """
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    image = _open(data, uri, max_pixels)
+    if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.getexif().get(0x0112, 1) != 1:
+        return None
+    return image.height, image.width
 
 
 def encode_masks(batch: dict[str, np.ndarray], *, num_classes: int) -> dict[str, np.ndarray]:
