@@ -1,0 +1,153 @@
+"""Inputs of the throughput benchmark: image folders (resized, native, synthetic), seeded checkpoints, and
+peak memory summed over a process tree."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segmill.pipeline.bench_programs import list_images
+
+CLASSES = ("background", "nucleus")
+
+
+def select(files: list[str], limit: int) -> list[str]:
+    """An even spread over the sorted names (hashes, so any spread is a random sample of sizes)."""
+    if not limit or limit >= len(files):
+        return files
+    return [files[int(i * len(files) / limit)] for i in range(limit)]
+
+
+def prepare_folder(source: str, target: Path, *, limit: int, size: int | None) -> str:
+    """`limit` images of `source` in `target`, resized to size x size (bilinear) or copied as they are."""
+    files = select(list_images(source), limit)
+    marker = target / f".ready-{len(files)}-{size}"
+    if marker.exists():
+        return str(target)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in files:
+        if size:
+            image = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+            image.save(target / (Path(path).stem + ".png"), compress_level=1)
+        else:
+            shutil.copyfile(path, target / Path(path).name)
+    marker.touch()
+    return str(target)
+
+
+def synthetic_folder(source: str, target: Path, *, count: int, side: int) -> str:
+    """`count` distinct side x side PNGs made from the real images (resized, then shifted by the image's index)."""
+    marker = target / f".ready-{count}-{side}"
+    if marker.exists():
+        return str(target)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    bases = [np.asarray(Image.open(p).convert("RGB").resize((side, side), Image.BILINEAR))
+             for p in select(list_images(source), 64)]
+    for i in range(count):
+        image = np.roll(bases[i % len(bases)], shift=(i // len(bases)) % side, axis=1)
+        Image.fromarray(image).save(target / f"synthetic-{i:06d}.png", compress_level=1)
+    marker.touch()
+    return str(target)
+
+
+def make_checkpoint(arch: str, path: Path, seed: int = 0) -> str:
+    """Random weights (seeded) as a segmill checkpoint; the classifier is sharpened so masks hold both classes.
+
+    Without that, a random head's bias decides nearly every pixel, and equal masks would prove little.
+    """
+    import torch
+    from torch import nn
+
+    from segmill.models.checkpoint import ModelSpec, save_checkpoint
+
+    if path.exists():
+        return str(path)
+    torch.manual_seed(seed)
+    spec = ModelSpec(arch=arch, classes=CLASSES)
+    model = spec.build()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d) and module.out_channels == len(CLASSES):
+                module.weight.mul_(20.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, model, spec)
+    return str(path)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size (shared pages split among their users, so a sum counts each page once), else RSS."""
+    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return 0
+
+
+class TreeMemory:
+    """Samples the summed PSS of a process and all its descendants (Ray's raylet, GCS, workers) until stopped;
+    where nvidia-smi exists, GPU utilisation too."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.pid, self.interval = pid, interval
+        self.peak, self.peak_processes, self.gpu_util = 0, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._smi = shutil.which("nvidia-smi")
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        ticks = 0
+        while not self._stop.is_set():
+            tree, pids, seen = _children(), [self.pid], []
+            while pids:
+                pid = pids.pop()
+                seen.append(pid)
+                pids.extend(tree.get(pid, []))
+            total = sum(_pss_bytes(p) for p in seen)
+            self.peak, self.peak_processes = max(self.peak, total), max(self.peak_processes, len(seen))
+            if self._smi and ticks % 4 == 0:
+                self._sample_gpu()
+            ticks += 1
+            time.sleep(self.interval)
+
+    def _sample_gpu(self) -> None:
+        try:
+            out = subprocess.run([self._smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout
+            self.gpu_util.append(float(out.split()[0]))
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            pass

@@ -1,0 +1,72 @@
+"""Printing the throughput benchmark, the machine it ran on, and the cost model drawn from segmill's stage times."""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def system_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "load_average_at_start": os.getloadavg()[0]}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def print_case(case: dict[str, Any]) -> None:
+    print(f"\n== {case['case']} ({case['images']})")
+    print(f"{'program':<34}{'img/s':>8}{'peak GB':>9}{'procs':>6}  {'agree':>7}  stages (s, summed over workers)")
+    for r in case["results"]:
+        if "failed" in r:
+            print(f"{r['name']:<34}{'failed':>8}  {' '.join(r['failed'])[:150]}")
+            continue
+        agree = next((v for k, v in r.items() if k.startswith("mask_agreement_vs_")), None)
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+        gpu = f" gpu {r['gpu_utilisation_mean']:.0f}%" if "gpu_utilisation_mean" in r else ""
+        agree_text = "-" if agree is None else f"{100 * agree:.3f}%"
+        print(f"{r['name']:<34}{r['images_per_second']:>8.2f}{_gb(r['peak_memory_bytes']):>9}"
+              f"{r['peak_processes']:>6}  {agree_text:>7}  {stages}{gpu}")
+    for name, ratio in case["ratios"].items():
+        print(f"  ratio {name}: {ratio:.2f}x")
+
+
+def cost_model(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per segmill run: seconds per image in each stage, images/s one model actor sustains, and the stage that
+    bounds the job (the smallest ceiling: model actors in parallel, every other stage on every CPU)."""
+    rows = []
+    cpus = os.cpu_count() or 1
+    for case in cases:
+        for r in case["results"]:
+            if r.get("program") != "segmill" or "failed" in r or not r["images"]:
+                continue
+            per_image = {stage: seconds / r["images"] for stage, seconds in r["stages"].items()}
+            actors = r["settings"].get("actors_max") or 1
+            ceilings = {}
+            for stage, seconds in per_image.items():
+                if seconds > 0:
+                    ceilings[stage] = (actors if "Segmenter" in stage else cpus) / seconds
+            model = next((s for s in per_image if "Segmenter" in s), None)
+            row = {"case": case["case"], "name": r["name"], "seconds_per_image": per_image,
+                   "model_images_per_second_per_actor": 1 / per_image[model] if model and per_image[model] else None,
+                   "ceilings_images_per_second": ceilings,
+                   "bound_by": min(ceilings, key=ceilings.get) if ceilings else None,
+                   "measured_images_per_second": r["images_per_second"]}
+            rows.append(row)
+            print(f"cost model, {case['case']}, {r['name']}: one model actor {row['model_images_per_second_per_actor'] or 0:.2f}"
+                  f" img/s; bound by {row['bound_by']}; ceilings "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
+    return rows
