@@ -108,5 +108,11 @@ def main() -> None:
     app()
 
 
+from segmill.jobs import cli_jobs  # noqa: E402  (submit, run-spec, jobs ...)
+cli_jobs.register(app)
+
+from segmill.jobs import cli_train  # noqa: E402  (train)
+cli_train.register(app)
+
 from segmill.jobs import cli_schedule  # noqa: E402  (schedule, scheduler, query, show)
 cli_schedule.register(app)

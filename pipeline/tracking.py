@@ -37,11 +37,18 @@ def client(tracking_uri: str):
 
 def check_reachable(tracking_uri: str) -> None:
     """Fail in one sentence now, not after hours of training, if the tracking server cannot be used."""
+    import os
+
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the default backs off for a minute or more
     try:
         client(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:
         raise ValueError(f"MLflow tracking server {redact(tracking_uri)} is unreachable "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+    finally:
+        if retries is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
 
 
 def log_evaluation(tracking_uri: str, name: str, version: str, iou: dict[str, float], *, miou: float,
