@@ -67,6 +67,12 @@ def check_spec_for(schedule: Schedule) -> None:
     config = train_config(schedule.spec)
     if schedule.iou_below is not None and not config.register:
         raise ValueError(f"Job spec {schedule.spec} has no 'register' model, so there is no champion IoU to watch.")
+    if schedule.iou_class is not None:
+        from segmill.pipeline.classes import load_class_file
+
+        names = load_class_file(config.classes, endpoint_url=config.endpoint_url).names
+        if schedule.iou_class not in names:
+            raise ValueError(f"Class {schedule.iou_class!r} is not in {config.classes} (classes: {', '.join(names)}).")
 
 
 def count_labelled_images(config) -> int:

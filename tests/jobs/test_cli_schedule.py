@@ -30,6 +30,9 @@ def _train_spec(tmp_path: Path) -> Path:
 
 
 def test_add_list_firings_remove(state: Path, tmp_path: Path) -> None:
+    from segmill.pipeline.scenes import classes_yaml
+
+    (tmp_path / "classes.yaml").write_text(classes_yaml())
     spec = _train_spec(tmp_path)
     added = runner.invoke(app, ["schedule", "add", "weekly", "--spec", str(spec), "--cron", "0 3 * * 0",
                                 "--iou-below", "0.4", "--iou-class", "pole"])

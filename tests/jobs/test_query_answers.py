@@ -135,3 +135,23 @@ def test_cli_names_a_folder_without_results(tmp_path: Path) -> None:
 def test_every_answer_has_help() -> None:
     assert set(ANSWERS) == {"iou", "least-confident", "class-above", "errors", "class-distribution"}
     assert all(a.help for a in ANSWERS.values())
+
+
+def test_query_and_show_on_object_storage(scene_results, s3_server, tmp_path: Path) -> None:
+    """The same table on S3 (moto): read through segmill's fsspec layer, the answer written back to S3."""
+    bucket = s3_server.create_bucket("segmill-query")
+    fs = s3_server.filesystem()
+    for path in Path(scene_results.output).glob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"{bucket}/results/{path.name}")
+    results = f"s3://{bucket}/results"
+    result = runner.invoke(app, ["query", results, "--answer", "iou", "--output", f"s3://{bucket}/answers/iou.parquet"])
+    assert result.exit_code == 0, result.output
+    with fs.open(f"{bucket}/answers/iou.parquet", "rb") as f:
+        remote = pq.read_table(f).to_pylist()
+    assert remote == _answer(scene_results.output, "iou")
+    image_uri = str(sorted(scene_results.images.glob("scene_*.png"))[0])
+    shown = runner.invoke(app, ["show", results, image_uri, "--output", str(tmp_path / "s3.png")])
+    assert shown.exit_code == 0, shown.output
+    local = runner.invoke(app, ["show", scene_results.output, image_uri, "--output", str(tmp_path / "local.png")])
+    assert local.exit_code == 0 and (tmp_path / "s3.png").read_bytes() == (tmp_path / "local.png").read_bytes()

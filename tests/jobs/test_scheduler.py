@@ -224,11 +224,16 @@ def _champion(tracking_uri: str, name: str, iou: dict[str, float]) -> str:
 
 
 def test_champion_iou_conditions(store: ScheduleStore, tmp_path: Path) -> None:
+    from segmill.pipeline.scenes import write_scenes
+
+    write_scenes(str(tmp_path / "data"), 1, seed=1, spec=_SMALL)  # its classes.yaml names the classes
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     spec = _spec(tmp_path, register="roads", tracking_uri=tracking)
     clock, fire = Clock(SUNDAY_3AM), Firings(tmp_path)
     add_schedule(store, "pole", spec, iou_below=0.3, iou_class="pole", now=clock())
     add_schedule(store, "miou", spec, iou_below=0.5, now=clock())
+    with pytest.raises(ValueError, match="Class 'lake' is not in"):
+        add_schedule(store, "lake", spec, iou_below=0.5, iou_class="lake")
     scheduler = Scheduler(store, fire=fire, now=clock)
     assert sorted((o.schedule, o.slot) for o in scheduler.check()) == \
         [("miou", "when:evaluation=none"), ("pole", "when:evaluation=none")], "no champion: nothing to protect"
