@@ -6,7 +6,8 @@ count goes into the firing's detail). A cron schedule with conditions checks the
 as `condition-false` and the slot is spent. A condition-only schedule is checked at every pass (every `interval`
 seconds in the loop) and fires once per evidence (see `conditions.Check.evidence`): the same data never fires
 twice, also across restarts. A failed firing is recorded as `failed` and not retried for its slot; the next slot
-tries again. Firings run one after another in this process (a training run in-process blocks the loop; with
+tries again (a scheduler killed mid-firing leaves its slot `running`, also not retried). With `address`, `ok`
+means submitted: the job's own outcome is in the job history. Firings run one after another in this process (a training run in-process blocks the loop; with
 `address` the job is submitted to the cluster and the call returns quickly).
 """
 from __future__ import annotations
