@@ -6,7 +6,7 @@ STAMP := $(VENV)/.segmill-installed
 STATE ?= .segmill
 PYTEST_ARGS ?=
 
-.PHONY: run test test-gpu venv clean
+.PHONY: run test test-gpu bench venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ test: $(STAMP)
 # On a machine with CUDA: the device-only checks (they are skipped, not run, by `make test`).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)
+
+# Throughput: segmill against a bare loop, a tuned DataLoader and Ray's documented pattern (a few minutes on
+# 2 cores; options: `$(PY) -m segmill.jobs.bench --help`, e.g. BENCH_ARGS="--synthetic 1000,10000").
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m segmill.jobs.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(STATE) .pytest_cache
