@@ -74,10 +74,8 @@ def list_command(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
             observe(row, history)
     except (ValueError, OSError) as exc:
         _cli()._fail(exc)
-    table = _table("job id", "kind", "status", "started", "ended")
-    for row in rows:
-        table.add_row(row["job_id"], row["kind"] or "", row["status"], row["start_time"] or "", row["end_time"] or "")
-    _cli().console.print(table)
+    _print_rows(rows, {"job id": "job_id", "kind": "kind", "status": "status", "started": "start_time",
+                       "ended": "end_time"})
 
 
 @jobs_app.command("status")
@@ -138,18 +136,17 @@ def history_command(history: Optional[str] = typer.Option(None, help=HISTORY_HEL
         rows = read_jobs(history, kind=kind, limit=limit)
     except (ValueError, OSError, duckdb.Error) as exc:
         _cli()._fail(ValueError(f"Reading the job history failed: {exc}"))
-    table = _table("job id", "kind", "status", "submitted", "finished", "output", "model version")
-    for row in rows:
-        table.add_row(*(_cell(row[k]) for k in ("job_id", "kind", "status", "submitted_at", "finished_at", "output",
-                                                  "model_version")))
-    _cli().console.print(table)
+    _print_rows(rows, {"job id": "job_id", "kind": "kind", "status": "status", "submitted": "submitted_at",
+                       "finished": "finished_at", "output": "output", "model version": "model_version"})
 
 
-def _table(*headers: str):
-    """A table whose cells wrap instead of being cut: ids and URIs must stay copyable."""
-    from rich.table import Column, Table
-
-    return Table(*(Column(h, overflow="fold") for h in headers))
+def _print_rows(rows: list[dict[str, Any]], columns: dict[str, str]) -> None:
+    """Aligned columns, one line per job, never wrapped or cut: ids and URIs stay copyable and greppable."""
+    cells = [list(columns)] + [[_cell(row[key]) for key in columns.values()] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        _cli().console.print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip(), markup=False,
+                             highlight=False, soft_wrap=True)
 
 
 def _cell(value: Any) -> str:

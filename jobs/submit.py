@@ -93,6 +93,7 @@ def submit(job: "JobSpec", address: str, *, history_uri: str | None = None, job_
 
     jobs = client(address)
     job_id = job_id or new_job_id(job.kind)
+    submitted = history.now()
     with tempfile.TemporaryDirectory(prefix="segmill-submit-") as tmp:
         env = runtime_env(job, Path(tmp), history_for_cluster(history_uri, address))
         try:
@@ -103,7 +104,7 @@ def submit(job: "JobSpec", address: str, *, history_uri: str | None = None, job_
             raise ValueError(f"Submitting {job.source} to {redact(address)} failed "
                              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}).") from None
     history.record_event(history.JobEvent(job_id=submission, event="submitted", kind=job.kind, status="PENDING",
-                                          spec=job.data, address=address, submitted_at=history.now(),
+                                          spec=job.data, address=address, submitted_at=submitted,
                                           output=job.output), history_uri)
     return {"job_id": submission, "kind": job.kind, "status": "PENDING", "address": address, "output": job.output}
 
