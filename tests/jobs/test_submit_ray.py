@@ -65,11 +65,12 @@ def ray_head() -> Iterator[str]:
 
 
 def _stop_group(head: subprocess.Popen) -> None:
-    """`ray start --block` stops its processes on SIGTERM; what is left of its group is killed."""
-    head.send_signal(signal.SIGTERM)
+    """SIGTERM to the head's own process group, then SIGKILL to what is left of it; its workers (own process
+    groups) exit when their raylet is gone."""
     try:
-        head.wait(timeout=15)
-    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=3)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     try:
         os.killpg(head.pid, signal.SIGKILL)
