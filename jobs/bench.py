@@ -83,7 +83,9 @@ def run_program(name: str, program: str, images: str, checkpoint: str, output: s
         return {"name": name, "program": program, "failed": stderr.strip().splitlines()[-1:] or ["no result"]}
     result = json.loads(result_file.read_text())
     result.update(name=name, program=program, wall_seconds=time.perf_counter() - started,
-                  images_per_second=result["images"] / result["seconds"], peak_memory_bytes=memory.peak,
+                  images_per_second=result["images"] / result["seconds"],
+                  steady_images_per_second=result["images"] / (result.get("steady_seconds") or result["seconds"]),
+                  peak_memory_bytes=memory.peak,
                   peak_processes=memory.peak_processes)
     if memory.gpu_util:
         result["gpu_utilisation_mean"] = sum(memory.gpu_util) / len(memory.gpu_util)
@@ -134,7 +136,8 @@ def run_case(case: str, images: str, checkpoint: str, programs: list[tuple[str, 
         for r in ran[1:]:
             r["mask_agreement_vs_" + ran[0]["name"]] = mask_agreement(str(work / case / ran[0]["name"]),
                                                                       str(work / case / r["name"]))
-    ratios = {f"{s['name']} / {r['name']}": s["images_per_second"] / r["images_per_second"]
+    ratios = {f"{s['name']} / {r['name']}": {"total": s["images_per_second"] / r["images_per_second"],
+                                              "steady": s["steady_images_per_second"] / r["steady_images_per_second"]}
               for s in ran if s["program"] == "segmill" for r in ran if r["program"] != "segmill"}
     return {"case": case, "images": images, "checkpoint": checkpoint, "results": results, "ratios": ratios}
 

@@ -71,6 +71,7 @@ def bare_loop(images: str, checkpoint: str, output: str, *, threads: int = 0, **
     model, mean, std = _load(checkpoint)
     files, masks = list_images(images), []
     clock = _Clock()
+    loop_started = clock.last
     with torch.inference_mode():
         for uri in files:
             pixels = np.asarray(Image.open(uri).convert("RGB"))
@@ -82,9 +83,11 @@ def bare_loop(images: str, checkpoint: str, output: str, *, threads: int = 0, **
             clock.tick("argmax")
             masks.append(encode_png(mask))
             clock.tick("encode")
+    steady = clock.last - loop_started
     _write(files, masks, output)
     clock.tick("write")
-    return {"images": len(files), "seconds": time.perf_counter() - started, "stages": dict(clock.stages),
+    return {"images": len(files), "seconds": time.perf_counter() - started, "steady_seconds": steady,
+            "stages": dict(clock.stages),
             "settings": {"threads": torch.get_num_threads(), "batch_size": 1}}
 
 
@@ -122,6 +125,7 @@ def dataloader(images: str, checkpoint: str, output: str, *, threads: int = 2, w
     loader = DataLoader(_Files(files), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         prefetch_factor=4 if workers else None)
     clock = _Clock()
+    loop_started = clock.last
     with torch.inference_mode():
         for batch in loader:
             clock.tick("wait_for_decode")
@@ -137,10 +141,11 @@ def dataloader(images: str, checkpoint: str, output: str, *, threads: int = 2, w
                 for (i, _), mask in zip(group, found):
                     masks[i] = encode_png(mask)
                 clock.tick("encode")
+    steady = clock.last - loop_started
     _write(files, masks, output)
     clock.tick("write")
-    return {"images": len(files), "seconds": time.perf_counter() - started, "stages": dict(clock.stages),
-            "settings": {"threads": threads, "workers": workers, "batch_size": batch_size}}
+    return {"images": len(files), "seconds": time.perf_counter() - started, "steady_seconds": steady,
+            "stages": dict(clock.stages), "settings": {"threads": threads, "workers": workers, "batch_size": batch_size}}
 
 
 class DocsPredictor:
@@ -174,9 +179,9 @@ def ray_docs(images: str, checkpoint: str, output: str, *, size: int = 512, acto
                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor))
     ds.write_parquet(output)
     seconds = time.perf_counter() - started
-    stages = ray_stage_seconds(ds)
+    stages, steady = ray_stage_seconds(ds), model_window(ds, "DocsPredictor")
     ray.shutdown()
-    return {"images": len(list_images(images)), "seconds": seconds, "stages": stages,
+    return {"images": len(list_images(images)), "seconds": seconds, "steady_seconds": steady, "stages": stages,
             "settings": {"actors": actors, "cpus_per_actor": cpus_per_actor, "batch_size": batch_size, "size": size}}
 
 
@@ -205,12 +210,34 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
     record = job.segment(config)
     seconds = time.perf_counter() - started
     stages = ray_stage_seconds(datasets[0]) if datasets else {}
+    steady = model_window(datasets[0], "Segmenter") if datasets else None
     resolved = config.resources.resolve(ray.cluster_resources())
     ray.shutdown()
-    return {"images": record.ok_rows, "errors": record.error_rows, "seconds": seconds, "stages": stages,
+    return {"images": record.ok_rows, "errors": record.error_rows, "seconds": seconds, "steady_seconds": steady,
+            "stages": stages,
             "settings": {k: getattr(resolved, k) for k in ("batch_size", "actors_max", "cpus_per_actor",
                                                            "torch_threads", "decode_cpus", "precision",
                                                            "channels_last", "compile")}}
+
+
+def model_window(ds, model_stage: str) -> float | None:
+    """Seconds from the model stage's first task start to its last task end (steady state: no Ray start, no
+    listing, no actor construction before the first batch)."""
+    try:
+        summary = ds.get_stats_summary()
+    except Exception:
+        return None
+    found = []
+
+    def walk(node) -> None:
+        for parent in getattr(node, "parents", []) or []:
+            walk(parent)
+        found.extend(op for op in node.operators_stats if model_stage in op.operator_name)
+
+    walk(summary)
+    starts = [op.earliest_start_time for op in found if op.earliest_start_time]
+    ends = [op.latest_end_time for op in found if op.latest_end_time]
+    return max(ends) - min(starts) if starts and ends else None
 
 
 def ray_stage_seconds(ds) -> dict[str, float]:

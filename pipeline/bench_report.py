@@ -29,7 +29,7 @@ def _gb(n: float) -> str:
 
 def print_case(case: dict[str, Any]) -> None:
     print(f"\n== {case['case']} ({case['images']})")
-    print(f"{'program':<34}{'img/s':>8}{'peak GB':>9}{'procs':>6}  {'agree':>7}  stages (s, summed over workers)")
+    print(f"{'program':<34}{'img/s':>8}{'steady':>8}{'peak GB':>9}{'procs':>6}  {'agree':>7}  stages (s, summed over workers)")
     for r in case["results"]:
         if "failed" in r:
             print(f"{r['name']:<34}{'failed':>8}  {' '.join(r['failed'])[:150]}")
@@ -38,10 +38,10 @@ def print_case(case: dict[str, Any]) -> None:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         gpu = f" gpu {r['gpu_utilisation_mean']:.0f}%" if "gpu_utilisation_mean" in r else ""
         agree_text = "-" if agree is None else f"{100 * agree:.3f}%"
-        print(f"{r['name']:<34}{r['images_per_second']:>8.2f}{_gb(r['peak_memory_bytes']):>9}"
+        print(f"{r['name']:<34}{r['images_per_second']:>8.2f}{r['steady_images_per_second']:>8.2f}{_gb(r['peak_memory_bytes']):>9}"
               f"{r['peak_processes']:>6}  {agree_text:>7}  {stages}{gpu}")
     for name, ratio in case["ratios"].items():
-        print(f"  ratio {name}: {ratio:.2f}x")
+        print(f"  ratio {name}: {ratio['total']:.2f}x total, {ratio['steady']:.2f}x steady")
 
 
 def cost_model(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
