@@ -62,7 +62,7 @@ def train(config: TrainConfig) -> TrainOutcome:
     spec = ModelSpec(arch=config.model, classes=classes.names, arch_kwargs=config.arch_kwargs,
                      palette=classes.palette, ignore_index=classes.ignore_index)
     spec.build()  # bad arch_kwargs fail here, in one sentence from the builder, not on every worker
-    init = resolve_model(config.init_from, endpoint_url=config.endpoint_url, tracking_uri=tracking_uri).data \
+    init = resolve_model(config.init_from, endpoint_url=config.endpoint_url, tracking_uri=tracking_uri).checkpoint \
         if config.init_from else None
     train_set, val_set = load_sets(config.images, config.labels, config.val_images, config.val_labels,
                                    config.val_fraction, len(classes.names), endpoint_url=config.endpoint_url,
@@ -233,7 +233,7 @@ def _register(config, tracking_uri, outcome: TrainOutcome, spec: ModelSpec, val_
         resolved = resolve_model(f"models:/{config.register}/{champion.version}", tracking_uri=tracking_uri)
         comparable = tuple(resolved.spec.classes) == tuple(spec.classes)
         if comparable:
-            model, _ = load_checkpoint(resolved.data)
+            model, _ = load_checkpoint(resolved.checkpoint)
             confusion, _ = confusion_on_pairs(model, resolved.spec, val_pairs, device=torch.device("cpu"),
                                               endpoint_url=config.endpoint_url)
             scores = epoch_metrics(SegmentationMetrics.from_confusion(confusion), spec.classes)

@@ -116,7 +116,7 @@ def read_pair(image_uri: str, label_uri: str, num_classes: int, ignore_index: in
     image = decode_image(read_bytes(image_uri, endpoint_url), image_uri, DEFAULT_MAX_PIXELS)
     label = decode_label(read_bytes(label_uri, endpoint_url, what="Label"), label_uri, image.shape[:2],
                          num_classes, ignore_index)
-    return image, label
+    return np.require(image, requirements="W"), label  # writable: torch warns on read-only arrays
 
 
 def decode_and_augment(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index: int, crop: int,

@@ -1,0 +1,139 @@
+"""The retraining job's parts that need no cluster: class files, config, data sets, loss, promotion, hard classes."""
+from __future__ import annotations
+
+import io
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segmill.models.training import hard_pixel_cross_entropy
+from segmill.pipeline.classes import load_class_file
+from segmill.pipeline.promotion import decide
+from segmill.pipeline.scenes import SCENE_CLASSES, encode_png, write_scenes
+from segmill.pipeline.tracking import CHAMPION, latest_evaluation, log_evaluation
+from segmill.pipeline.train import resolve_hard_classes
+from segmill.pipeline.train_config import TrainConfig
+from segmill.pipeline.train_data import decode_and_augment, in_validation_split, load_sets
+from segmill.pipeline.train_report import confusion_png
+
+
+def test_class_file_reads_names_colours_and_ignore_index(tmp_path):
+    path = tmp_path / "classes.yaml"
+    path.write_text("classes:\n  - {name: sky, colour: [1, 2, 3]}\n  - road\nignore_index: 254\n")
+    classes = load_class_file(str(path))
+    assert classes.names == ("sky", "road") and classes.palette[0] == (1, 2, 3) and classes.ignore_index == 254
+    assert len(classes.palette[1]) == 3
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("classes: []\n", "non-empty list"),
+    ("classes: [sky, sky]\n", "twice"),
+    ("classes: [{name: sky, colour: [1, 2]}]\n", "three integers"),
+    ("classes: [sky, road]\nignore_index: 1\n", "ignore_index"),
+    ("classes: [: bad\n", "not valid YAML"),
+])
+def test_bad_class_file_is_one_sentence_naming_it(tmp_path, text, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=fragment) as info:
+        load_class_file(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_train_config_rejects_unknown_keys_and_wrong_types():
+    with pytest.raises(ValueError, match="unknown key"):
+        TrainConfig.from_dict({"images": "a", "classes": "c", "epoch": 3})
+    with pytest.raises(ValueError, match="'epochs' must be of type int"):
+        TrainConfig.from_dict({"images": "a", "classes": "c", "epochs": "3"})
+    config = TrainConfig.from_dict({"images": "a", "classes": "c", "hard_classes": ["pole", "sign"]})
+    assert config.named_hard_classes() == ["pole", "sign"]
+    assert TrainConfig(images="a", classes="c", hard_classes="auto").named_hard_classes() is None
+
+
+def test_hard_pixel_loss_keeps_only_the_hardest_share():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    target[0, 0] = 255
+    assert torch.isclose(hard_pixel_cross_entropy(logits, target, 1.0), F.cross_entropy(logits, target, ignore_index=255))
+    per_pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")[target != 255]
+    top = per_pixel.sort(descending=True).values[: int(np.ceil(per_pixel.numel() * 0.25))].mean()
+    assert torch.isclose(hard_pixel_cross_entropy(logits, target, 0.25), top)
+    ignored = hard_pixel_cross_entropy(logits.requires_grad_(), torch.full_like(target, 255), 0.5)
+    ignored.backward()
+    assert ignored.item() == 0 and logits.grad is not None
+
+
+def test_promotion_decision():
+    assert decide(0.5, None, None, 0.0).promoted
+    assert decide(0.61, 0.60, "3", 0.0).promoted
+    held = decide(0.61, 0.60, "3", 0.02)
+    assert not held.promoted and "0.6000" in held.reason and held.champion_version == "3"
+    assert not decide(0.9, None, "3", 0.0, comparable=False).promoted
+
+
+def test_labelled_sets_count_and_skip_bad_pairs(tmp_path):
+    write_scenes(str(tmp_path), 12, seed=1)
+    labels = sorted((tmp_path / "labels").iterdir())
+    labels[0].write_bytes(encode_png(np.full((20, 20), 9, np.uint8)))  # class 9 of 7
+    labels[1].unlink()  # an image without a label
+    train, val = load_sets(str(tmp_path / "images"), str(tmp_path / "labels"), None, None, 0.25, len(SCENE_CLASSES),
+                           endpoint_url=None, ignore_index=255)
+    assert len(train.unlabelled) == 1
+    errors = train.errors + val.errors
+    assert len(errors) == 1 and "outside" in errors[0][1]
+    assert train.usable.num_rows + val.usable.num_rows == 10
+    assert set(train.usable["image_uri"].to_pylist()).isdisjoint(val.usable["image_uri"].to_pylist())
+    again, _ = load_sets(str(tmp_path / "images"), str(tmp_path / "labels"), None, None, 0.25, len(SCENE_CLASSES),
+                         endpoint_url=None, ignore_index=255)
+    assert again.fingerprint == train.fingerprint
+    assert in_validation_split("s3://b/x.png", 0.5) == in_validation_split("s3://b/x.png", 0.5)
+
+
+def test_no_usable_labels_fails_before_training(tmp_path):
+    write_scenes(str(tmp_path), 4, seed=2)
+    shutil.rmtree(tmp_path / "labels")
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(ValueError, match="at least one labelled image"):
+        load_sets(str(tmp_path / "images"), str(tmp_path / "labels"), None, None, 0.25, 7, endpoint_url=None,
+                  ignore_index=255)
+
+
+def test_decode_and_augment_drops_a_size_mismatch_and_crops_the_rest(tmp_path):
+    write_scenes(str(tmp_path), 2, seed=3)
+    images, labels = sorted((tmp_path / "images").iterdir()), sorted((tmp_path / "labels").iterdir())
+    labels[1].write_bytes(encode_png(np.zeros((5, 5), np.uint8)))
+    batch = {"image_uri": np.array([str(p) for p in images]), "label_uri": np.array([str(p) for p in labels])}
+    out = decode_and_augment(batch, num_classes=7, ignore_index=255, crop=48, scale_range=(0.5, 2.0), endpoint_url=None)
+    assert out["image"].shape == (1, 48, 48, 3) and out["mask"].shape == (1, 48, 48)
+    assert set(np.unique(out["mask"])) <= set(range(7)) | {255}
+
+
+def test_confusion_picture_is_a_png():
+    picture = Image.open(io.BytesIO(confusion_png([[5, 1], [0, 4]], ("sky", "road"))))
+    assert picture.format == "PNG" and picture.width > 56
+
+
+def test_hard_classes_named_auto_and_from_champion_evaluation(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    base = dict(images="i", classes="c", tracking_uri=tracking, register="scenes")
+    with pytest.raises(ValueError, match="not in the class file"):
+        resolve_hard_classes(TrainConfig(**base, hard_classes="pole,tree"), SCENE_CLASSES, tracking)
+    assert resolve_hard_classes(TrainConfig(**base), SCENE_CLASSES, tracking) == ([], "bootstrapping off")
+    hard, source = resolve_hard_classes(TrainConfig(**base, hard_classes="auto"), SCENE_CLASSES, tracking)
+    assert hard == [] and "no champion" in source
+
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    client.create_registered_model("scenes")
+    run = client.create_run(client.create_experiment("t"))
+    version = client.create_model_version("scenes", source=run.info.artifact_uri, run_id=run.info.run_id).version
+    client.set_registered_model_alias("scenes", CHAMPION, version)
+    iou = {name: 0.9 for name in SCENE_CLASSES} | {"pole": 0.1, "vehicle": 0.3}
+    log_evaluation(tracking, "scenes", version, iou, miou=0.8, dataset="fp")
+    assert latest_evaluation(tracking, "scenes").iou["pole"] == pytest.approx(0.1)
+    hard, source = resolve_hard_classes(TrainConfig(**base, hard_classes="auto"), SCENE_CLASSES, tracking)
+    assert hard == ["pole", "vehicle"] and "champion evaluation" in source
