@@ -119,8 +119,12 @@ def _gone(pid: int) -> bool:
 
 
 def _first_checkpoint(root: Path, timeout: float) -> None:
+    """Wait until Ray Train has committed a checkpoint (its manager's snapshot names one), not just begun writing."""
+    def committed() -> bool:
+        return any("checkpoint_" in p.read_text(errors="replace") for p in root.glob("*/checkpoint_manager_snapshot.json"))
+
     deadline = time.time() + timeout
-    while not list(root.glob("*/checkpoint_*")):
+    while not committed():
         if time.time() > deadline:
             raise TimeoutError(f"no checkpoint under {root} after {timeout} s")
         time.sleep(0.2)
