@@ -51,13 +51,26 @@ def check_reachable(tracking_uri: str) -> None:
             os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
 
 
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed; with SQLite its artifacts go beside the database file,
+    not into ./mlruns of whatever folder the job happened to start in."""
+    c = client(tracking_uri)
+    experiment = c.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        import os
+
+        location = os.path.join(os.path.dirname(os.path.abspath(tracking_uri.removeprefix("sqlite:///"))), "mlartifacts")
+    return c.create_experiment(name, artifact_location=location)
+
+
 def log_evaluation(tracking_uri: str, name: str, version: str, iou: dict[str, float], *, miou: float,
                    dataset: str | None = None, extra: dict[str, float] | None = None) -> str:
     """Record an evaluation of registered version `name`/`version` as its own run; returns the run id."""
     c = client(tracking_uri)
-    experiment = c.get_experiment_by_name(EVALUATION_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment(EVALUATION_EXPERIMENT)
-    run = c.create_run(experiment_id, tags={MODEL_NAME_TAG: name, MODEL_VERSION_TAG: str(version),
+    run = c.create_run(experiment_id(tracking_uri, EVALUATION_EXPERIMENT), tags={MODEL_NAME_TAG: name, MODEL_VERSION_TAG: str(version),
                                             "segmill.dataset": dataset or ""})
     metrics = {"miou": miou, **{f"iou.{k}": v for k, v in iou.items()}, **(extra or {})}
     for key, value in metrics.items():

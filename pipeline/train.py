@@ -26,7 +26,7 @@ from segmill.pipeline.model_source import resolve_model
 from segmill.pipeline.promotion import current_champion, decide, register_version
 from segmill.pipeline.ray_runtime import ensure_ray
 from segmill.pipeline.storage import arrow_filesystem, join_uri, open_fs, protocol_of, redact
-from segmill.pipeline.tracking import check_reachable, client, latest_evaluation, log_evaluation
+from segmill.pipeline.tracking import check_reachable, client, experiment_id, latest_evaluation, log_evaluation
 from segmill.pipeline.train_config import AUTO, TrainConfig
 from segmill.pipeline.train_data import LabelledSet, load_sets, training_dataset
 from segmill.pipeline.train_loop import confusion_on_pairs, epoch_metrics, load_saved_model, train_loop_per_worker
@@ -84,6 +84,7 @@ def train(config: TrainConfig) -> TrainOutcome:
     if not config.resume:
         _log_params(tracking_uri, run_id, config, hard, hard_source, factor, summary, skipped, train_set, val_set)
     use_gpu = bool(ray.cluster_resources().get("GPU")) if config.use_gpu is None else config.use_gpu
+    _check_cpus_left_for_decoding(config, ray.cluster_resources().get("CPU", 0))
     val_usable = val_set.usable
     loop_config = {
         "spec": spec.to_dict(), "seed": config.seed, "backbone_weights": config.backbone_weights,
@@ -148,6 +149,18 @@ def _report_skipped(train_set: LabelledSet, val_set: LabelledSet) -> dict[str, i
     return skipped
 
 
+def _check_cpus_left_for_decoding(config: TrainConfig, cluster_cpus: float) -> None:
+    """Workers that take every CPU starve the decode stage and the job hangs; say so instead (local Ray only:
+    a real cluster may autoscale)."""
+    left = cluster_cpus - config.workers * config.cpus_per_worker
+    if left < 0.5:
+        message = (f"{config.workers} workers x {config.cpus_per_worker} CPUs leave {left:g} of the cluster's "
+                   f"{cluster_cpus:g} CPUs for decoding; lower workers or cpus_per_worker.")
+        if config.ray_address is None and not os.environ.get("RAY_ADDRESS"):
+            raise ValueError(message)
+        log.warning(message)
+
+
 def _storage(config: TrainConfig):
     if protocol_of(config.storage_path) == "file":
         return None, os.path.abspath(config.storage_path.removeprefix("file://"))
@@ -170,10 +183,7 @@ def _open_run(config: TrainConfig, tracking_uri: str) -> tuple[str, str]:
     if fs.exists(join_uri(root, run_name)):
         raise ValueError(f"Run {run_name} already exists under {redact(config.storage_path)}; "
                          "pass resume to continue it, or another run name.")
-    c = client(tracking_uri)
-    experiment = c.get_experiment_by_name(config.experiment)
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment(config.experiment)
-    run_id = c.create_run(experiment_id, run_name=run_name).info.run_id
+    run_id = client(tracking_uri).create_run(experiment_id(tracking_uri, config.experiment), run_name=run_name).info.run_id
     fs.makedirs(join_uri(root, run_name), exist_ok=True)
     with fs.open(join_uri(root, run_name, RUN_RECORD), "w") as f:
         json.dump({"run_name": run_name, "run_id": run_id, "tracking_uri": redact(tracking_uri)}, f)

@@ -135,5 +135,7 @@ def test_hard_classes_named_auto_and_from_champion_evaluation(tmp_path):
     iou = {name: 0.9 for name in SCENE_CLASSES} | {"pole": 0.1, "vehicle": 0.3}
     log_evaluation(tracking, "scenes", version, iou, miou=0.8, dataset="fp")
     assert latest_evaluation(tracking, "scenes").iou["pole"] == pytest.approx(0.1)
+    location = client.get_experiment_by_name("segmill-evaluations").artifact_location
+    assert location.removeprefix("file://").startswith(str(tmp_path))  # beside the database, not ./mlruns
     hard, source = resolve_hard_classes(TrainConfig(**base, hard_classes="auto"), SCENE_CLASSES, tracking)
     assert hard == ["pole", "vehicle"] and "champion evaluation" in source
