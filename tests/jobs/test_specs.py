@@ -96,11 +96,13 @@ def registry(tmp_path: Path, tiny_checkpoint: str, monkeypatch) -> str:
     """MLflow on SQLite with `scenes` version 1 (the tiny checkpoint) as champion."""
     import mlflow
 
+    from segmill.pipeline.tracking import experiment_id
+
     from segmill.pipeline.model_source import MLFLOW_CHECKPOINT_ARTIFACT
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_experiment("specs")
+    mlflow.set_experiment(experiment_id=experiment_id(uri, "specs"))  # artifacts under tmp_path, not ./mlruns
     folder, name = MLFLOW_CHECKPOINT_ARTIFACT.split("/")
     staged = tmp_path / "staged" / name
     staged.parent.mkdir()

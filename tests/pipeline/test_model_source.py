@@ -15,9 +15,11 @@ def registry(tmp_path: Path, tiny_checkpoint: str, monkeypatch) -> str:
     """A registered model `roads` whose version 1 holds the checkpoint and carries the alias `champion`."""
     import mlflow
 
+    from segmill.pipeline.tracking import experiment_id
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_experiment("model-source")
+    mlflow.set_experiment(experiment_id=experiment_id(uri, "model-source"))  # artifacts under tmp_path, not ./mlruns
     folder, name = MLFLOW_CHECKPOINT_ARTIFACT.split("/")
     staged = tmp_path / "staged" / name
     staged.parent.mkdir()
