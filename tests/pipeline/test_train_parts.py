@@ -139,3 +139,20 @@ def test_hard_classes_named_auto_and_from_champion_evaluation(tmp_path):
     assert location.removeprefix("file://").startswith(str(tmp_path))  # beside the database, not ./mlruns
     hard, source = resolve_hard_classes(TrainConfig(**base, hard_classes="auto"), SCENE_CLASSES, tracking)
     assert hard == ["pole", "vehicle"] and "champion evaluation" in source
+
+
+def test_an_unreachable_tracking_server_fails_the_job_before_training(tmp_path):
+    import socket
+    import time
+
+    from segmill.pipeline.train import train
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = TrainConfig(images=str(tmp_path / "none"), classes=str(tmp_path / "none.yaml"),
+                         tracking_uri=f"http://127.0.0.1:{port}", storage_path=str(tmp_path / "runs"))
+    started = time.time()
+    with pytest.raises(ValueError, match=f"MLflow tracking server http://127.0.0.1:{port} is unreachable"):
+        train(config)
+    assert time.time() - started < 60 and not (tmp_path / "runs").exists()
