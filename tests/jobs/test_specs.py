@@ -155,23 +155,19 @@ def test_history_folds_events_per_job_and_lives_on_s3(s3_server) -> None:
 
 
 def test_a_train_spec_runs_the_training_job_and_records_the_new_version(tmp_path: Path, scenes_dir: Path,
-                                                                        monkeypatch) -> None:
-    import segmill.pipeline.train as train_module
-
-    seen = {}
-
-    def fake_train(config: TrainConfig):
-        seen["config"] = config
-        return train_module.TrainOutcome(run_id="r1", run_name="n", val_miou=0.5, val_iou={"road": 0.5},
-                                         checkpoint_uri=str(tmp_path / "ckpt.pt"), hard_classes=[], bootstrap={},
-                                         model_name="scenes", model_version="3", champion=True)
-
-    monkeypatch.setattr(train_module, "train", fake_train)
-    spec = {"kind": "train", "images": str(scenes_dir / "images"), "labels": str(scenes_dir / "labels"),
-            "classes": str(scenes_dir / "classes.yaml"), "storage_path": str(tmp_path / "train"),
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "register": "scenes", "epochs": 1}
+                                                                        ray_session) -> None:
+    data = tmp_path / "scenes"
+    shutil.copytree(scenes_dir, data)  # the job caches its class-presence index beside the labels
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {"kind": "train", "images": str(data / "images"), "labels": str(data / "labels"),
+            "classes": str(data / "classes.yaml"), "storage_path": str(tmp_path / "train"), "tracking_uri": tracking,
+            "register": "scenes", "epochs": 1, "model": "unet", "arch_kwargs": {"base_channels": 8, "depth": 2},
+            "batch_size": 4, "crop_size": 64, "val_fraction": 0.25, "overlays": 0}
     result = run_spec(spec, history_uri=str(tmp_path / "history"))
-    assert seen["config"].epochs == 1 and seen["config"].register == "scenes"
-    assert (result["model_version"], result["champion"], result["output"]) == ("3", True, str(tmp_path / "ckpt.pt"))
+    assert (result["model_version"], result["champion"]) == ("1", True)
+    assert result["output"].startswith(str(tmp_path / "train"))
     (job,) = read_jobs(str(tmp_path / "history"))
-    assert (job["kind"], job["status"], job["model_name"], job["model_version"]) == ("train", "SUCCEEDED", "scenes", "3")
+    assert (job["kind"], job["status"], job["model_name"], job["model_version"]) == ("train", "SUCCEEDED", "scenes", "1")
+    import mlflow
+
+    assert str(mlflow.MlflowClient(tracking).get_model_version_by_alias("scenes", "champion").version) == "1"
