@@ -142,6 +142,11 @@ def run_case(case: str, images: str, checkpoint: str, programs: list[tuple[str, 
     return {"case": case, "images": images, "checkpoint": checkpoint, "results": results, "ratios": ratios}
 
 
+def _save(report: dict, output: str) -> None:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.child:
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         for case, folder, rows in cases:
             report["cases"].append(run_case(case, folder, checkpoint, rows, work / "runs"))
             print_case(report["cases"][-1])
+            _save(report, args.output)  # after every case: a long run stopped early keeps what it measured
     for count in [int(c) for c in args.synthetic.split(",") if c]:
         folder = synthetic_folder(args.dataset, work / f"synthetic-{count}-{args.synthetic_side}", count=count,
                                   side=args.synthetic_side)
@@ -180,9 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
         case = f"{args.synthetic_model} @ {count} synthetic {args.synthetic_side}x{args.synthetic_side}"
         report["cases"].append(run_case(case, folder, checkpoint, lineup, work / "runs"))
         print_case(report["cases"][-1])
+        _save(report, args.output)
     report["cost_model"] = cost_model(report["cases"])
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
+    _save(report, args.output)
     print(f"\nwritten: {args.output}")
     return report
 
