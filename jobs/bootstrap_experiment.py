@@ -34,7 +34,8 @@ from segmill.pipeline.train_loop import confusion_on_pairs
 MODEL = "bootstrap-experiment"
 
 
-def run(scenes: int, test_scenes: int, epochs: int, factor: int, workers: int, crop: int, seed: int) -> dict:
+def run(scenes: int, test_scenes: int, epochs: int, factor: int, workers: int, crop: int, seed: int,
+        ohem: float | None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         write_scenes(str(root / "train"), scenes, seed=seed)
@@ -48,9 +49,14 @@ def run(scenes: int, test_scenes: int, epochs: int, factor: int, workers: int, c
         test_pairs = sorted(zip(map(str, sorted((root / "test" / "images").iterdir())),
                                 map(str, sorted((root / "test" / "labels").iterdir()))))
         rows = {}
-        for name, extra in (("without", {}), ("with", {"hard_classes": "auto", "bootstrap_factor": factor})):
-            config = TrainConfig(**base, **extra, run_name=f"{name}-bootstrapping")
-            if extra:
+        bootstrapping = {"hard_classes": "auto", "bootstrap_factor": factor}
+        variants = {"without": {}, "with": bootstrapping}
+        if ohem:
+            variants.update({"ohem": {"ohem_fraction": ohem}, "with+ohem": {**bootstrapping, "ohem_fraction": ohem}})
+        for name, extra in variants.items():
+            # the baseline stays champion (huge margin), so every variant's `auto` reads the same evaluation
+            config = TrainConfig(**base, **extra, run_name=name.replace("+", "-"), champion_margin=0.0 if not extra else 1.0)
+            if "hard_classes" in extra:
                 config = dataclasses.replace(config, epochs=_epochs_for_same_samples(config, epochs))
             started = time.time()
             outcome = train(config)
@@ -61,10 +67,12 @@ def run(scenes: int, test_scenes: int, epochs: int, factor: int, workers: int, c
             metrics = SegmentationMetrics.from_confusion(confusion)
             rows[name] = {"iou": dict(zip(SCENE_CLASSES, metrics.iou.tolist())), "miou": metrics.mean_iou,
                           "hard_classes": outcome.hard_classes, "epoch_images": outcome.bootstrap["epoch_images"],
-                          "hard_share": outcome.bootstrap["hard_share_after"], "seconds": round(seconds),
+                          "hard_share": outcome.bootstrap["hard_share_after"],
+                          "hard_share_before": outcome.bootstrap["hard_share_before"], "seconds": round(seconds),
                           "epochs": config.epochs, "samples": config.epochs * outcome.bootstrap["epoch_images"],
                           "registered_as": "champion" if outcome.champion else "challenger"}
-        return {"scenes": scenes, "test_scenes": test_scenes, "epochs": epochs, "factor": factor, "runs": rows}
+        return {"scenes": scenes, "test_scenes": test_scenes, "epochs": epochs, "factor": factor, "ohem": ohem,
+                "runs": rows}
 
 
 def _epochs_for_same_samples(config: TrainConfig, baseline_epochs: int) -> int:
@@ -78,20 +86,25 @@ def _epochs_for_same_samples(config: TrainConfig, baseline_epochs: int) -> int:
 
 
 def markdown(result: dict) -> str:
-    runs = result["runs"]
-    lines = ["| class | IoU without | IoU with bootstrapping | change |", "| --- | ---: | ---: | ---: |"]
+    runs, names = result["runs"], list(result["runs"])
+    titles = {"without": "without", "with": f"bootstrapping (K={result['factor']})",
+              "ohem": f"OHEM {result['ohem']}", "with+ohem": "bootstrapping + OHEM"}
+    lines = ["| class | " + " | ".join(titles[n] for n in names) + " |", "| --- |" + " ---: |" * len(names)]
+    hard = runs["with"]["hard_classes"]
     for name in SCENE_CLASSES:
-        a, b = runs["without"]["iou"][name], runs["with"]["iou"][name]
-        mark = " (hard)" if name in runs["with"]["hard_classes"] else ""
-        lines.append(f"| {name}{mark} | {_f(a)} | {_f(b)} | {_f(b - a, sign=True)} |")
-    a, b = runs["without"]["miou"], runs["with"]["miou"]
-    lines.append(f"| **mIoU** | **{_f(a)}** | **{_f(b)}** | **{_f(b - a, sign=True)}** |")
-    lines.append(f"| images per epoch (hard-class share) | {runs['without']['epoch_images']} "
-                 f"({runs['without']['hard_share']:.2f}) | {runs['with']['epoch_images']} ({runs['with']['hard_share']:.2f}) | |")
-    lines.append(f"| epochs x images = samples seen | {runs['without']['epochs']} x {runs['without']['epoch_images']} = "
-                 f"{runs['without']['samples']} | {runs['with']['epochs']} x {runs['with']['epoch_images']} = "
-                 f"{runs['with']['samples']} | |")
+        lines.append(f"| {name}{' (hard)' if name in hard else ''} | "
+                     + " | ".join(_f(runs[n]["iou"][name]) for n in names) + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"**{_f(runs[n]['miou'])}**" for n in names) + " |")
+    lines.append("| images per epoch (hard-class share) | "
+                 + " | ".join(f"{runs[n]['epoch_images']} ({_share(runs, n):.2f})" for n in names) + " |")
+    lines.append("| epochs x images = samples | "
+                 + " | ".join(f"{runs[n]['epochs']} x {runs[n]['epoch_images']} = {runs[n]['samples']}" for n in names) + " |")
     return "\n".join(lines)
+
+
+def _share(runs: dict, name: str) -> float:
+    """Share of an epoch's images holding a hard class; runs without bootstrapping see the set's own share."""
+    return runs[name]["hard_share"] if runs[name]["hard_classes"] else runs["with"]["hard_share_before"]
 
 
 def _f(value: float, sign: bool = False) -> str:
@@ -106,15 +119,16 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--crop", type=int, default=96)
+    parser.add_argument("--ohem", type=float, default=None, help="Also run OHEM alone and with bootstrapping.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
-    result = run(args.scenes, args.test_scenes, args.epochs, args.factor, args.workers, args.crop, args.seed)
+    result = run(args.scenes, args.test_scenes, args.epochs, args.factor, args.workers, args.crop, args.seed, args.ohem)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))
     print(f"\nhard classes picked from the baseline champion's evaluation: {result['runs']['with']['hard_classes']}; "
-          f"training time {result['runs']['without']['seconds']} s vs {result['runs']['with']['seconds']} s")
+          "training seconds: " + ", ".join(f"{n} {r['seconds']}" for n, r in result["runs"].items()))
 
 
 if __name__ == "__main__":
