@@ -219,3 +219,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def register_tiny_model(tmp_path: Path, tiny_checkpoint: str, monkeypatch):
+    """Factory: MLflow on SQLite in tmp_path ($MLFLOW_TRACKING_URI points at it) with model NAME, version 1 holding
+    the tiny checkpoint as `champion`; returns the tracking URI."""
+    import shutil
+
+    import mlflow
+
+    from segmill.pipeline.model_source import MLFLOW_CHECKPOINT_ARTIFACT
+    from segmill.pipeline.tracking import experiment_id
+
+    def register(name: str) -> str:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_experiment(experiment_id=experiment_id(uri, "registered"))  # artifacts in tmp_path, not ./mlruns
+        folder, file_name = MLFLOW_CHECKPOINT_ARTIFACT.split("/")
+        staged = tmp_path / "staged" / file_name
+        staged.parent.mkdir(exist_ok=True)
+        shutil.copy(tiny_checkpoint, staged)
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(staged), artifact_path=folder)
+        client = mlflow.MlflowClient(uri)
+        client.create_registered_model(name)
+        version = client.create_model_version(name, source=run.info.artifact_uri, run_id=run.info.run_id)
+        client.set_registered_model_alias(name, "champion", version.version)
+        return uri
+
+    return register

@@ -92,28 +92,9 @@ def test_a_local_segment_run_is_recorded_in_the_history(tmp_path: Path, scenes_d
 
 
 @pytest.fixture()
-def registry(tmp_path: Path, tiny_checkpoint: str, monkeypatch) -> str:
-    """MLflow on SQLite with `scenes` version 1 (the tiny checkpoint) as champion."""
-    import mlflow
-
-    from segmill.pipeline.tracking import experiment_id
-
-    from segmill.pipeline.model_source import MLFLOW_CHECKPOINT_ARTIFACT
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_experiment(experiment_id=experiment_id(uri, "specs"))  # artifacts under tmp_path, not ./mlruns
-    folder, name = MLFLOW_CHECKPOINT_ARTIFACT.split("/")
-    staged = tmp_path / "staged" / name
-    staged.parent.mkdir()
-    shutil.copy(tiny_checkpoint, staged)
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(staged), artifact_path=folder)
-    client = mlflow.MlflowClient(uri)
-    client.create_registered_model("scenes")
-    version = client.create_model_version("scenes", source=run.info.artifact_uri, run_id=run.info.run_id)
-    client.set_registered_model_alias("scenes", "champion", version.version)
-    return uri
+def registry(register_tiny_model) -> str:
+    """A registered model `scenes` whose version 1 holds the tiny checkpoint and carries the alias `champion`."""
+    return register_tiny_model("scenes")
 
 
 def test_evaluating_the_champion_records_its_latest_evaluation(tmp_path: Path, scenes_dir: Path, registry: str,

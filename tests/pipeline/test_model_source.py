@@ -1,36 +1,18 @@
 """Resolving MODEL: checkpoint files, MLflow registry URIs (on SQLite, the embedded default), torchvision tags."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from segmill.models.checkpoint import load_checkpoint
-from segmill.pipeline.model_source import MLFLOW_CHECKPOINT_ARTIFACT, resolve_model
+from segmill.pipeline.model_source import resolve_model
 
 
 @pytest.fixture()
-def registry(tmp_path: Path, tiny_checkpoint: str, monkeypatch) -> str:
-    """A registered model `roads` whose version 1 holds the checkpoint and carries the alias `champion`."""
-    import mlflow
-
-    from segmill.pipeline.tracking import experiment_id
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_experiment(experiment_id=experiment_id(uri, "model-source"))  # artifacts under tmp_path, not ./mlruns
-    folder, name = MLFLOW_CHECKPOINT_ARTIFACT.split("/")
-    staged = tmp_path / "staged" / name
-    staged.parent.mkdir()
-    shutil.copy(tiny_checkpoint, staged)
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(staged), artifact_path=folder)
-    client = mlflow.MlflowClient(uri)
-    client.create_registered_model("roads")
-    version = client.create_model_version("roads", source=run.info.artifact_uri, run_id=run.info.run_id)
-    client.set_registered_model_alias("roads", "champion", version.version)
-    return uri
+def registry(register_tiny_model) -> str:
+    """A registered model `roads` whose version 1 holds the tiny checkpoint and carries the alias `champion`."""
+    return register_tiny_model("roads")
 
 
 def test_alias_and_version_uris_resolve_to_the_registered_checkpoint(registry: str, tiny_checkpoint: str) -> None:
