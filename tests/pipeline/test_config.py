@@ -146,8 +146,10 @@ def test_job_id_is_the_same_in_another_process() -> None:
 def test_resources_on_a_two_core_cpu_machine() -> None:
     resolved = ResourceConfig().resolve({"CPU": 2.0, "memory": 8e9})
     assert resolved.gpus_per_actor == 0.0
-    assert resolved.cpus_per_actor == 0.5 and resolved.torch_threads == 1  # half-CPU, single-thread actors
-    assert resolved.actors_min == 1 and resolved.actors_max == 2
+    assert resolved.cpus_per_actor == 1.0 and resolved.torch_threads == 2  # one 2-thread actor (measured best)
+    assert resolved.actors_min == 1 and resolved.actors_max == 1
+    big = ResourceConfig().resolve({"CPU": 32.0})
+    assert (big.actors_max, big.torch_threads, big.cpus_per_actor) == (8, 4, 2.0)  # threads capped; more actors
     assert resolved.batch_size >= 1
 
 
