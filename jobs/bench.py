@@ -105,7 +105,6 @@ def _child(spec_json: str) -> None:
 
 def mask_agreement(reference: str, other: str) -> float | None:
     """Share of pixels equal between two programs' masks, matched by file name (None if nothing matches)."""
-    import numpy as np
     import pyarrow.dataset as pads
 
     from segmill.pipeline.results import decode_mask_png
@@ -121,7 +120,9 @@ def mask_agreement(reference: str, other: str) -> float | None:
     equal = total = 0
     for key in ref.keys() & oth.keys():
         a, b = decode_mask_png(ref[key]), decode_mask_png(oth[key])
-        equal, total = equal + int((a == b).sum()) if a.shape == b.shape else equal, total + a.size
+        total += a.size
+        if a.shape == b.shape:  # a mask of another size agrees on no pixel
+            equal += int((a == b).sum())
     return equal / total if total else None
 
 
