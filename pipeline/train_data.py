@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from segmill.models.training import random_scale_crop_flip
-from segmill.pipeline.bootstrap import class_presence_index, default_index_uri
+from segmill.pipeline.bootstrap import PRESENCE_INDEX_NAME, class_presence_index, default_index_uri
 from segmill.pipeline.config import DEFAULT_MAX_PIXELS
 from segmill.pipeline.decode import DecodeError, decode_image, decode_label, read_bytes
 from segmill.pipeline.listing import is_manifest, iter_image_batches
@@ -30,7 +30,7 @@ class LabelledSet:
 
     index: pa.Table  # bootstrap.INDEX_SCHEMA, one row per labelled pair (bad labels: status error)
     unlabelled: list[str]  # images without a label
-    fingerprint: str  # changes when any image or label changes
+    fingerprint: str  # changes when the pairs or any label file (size, mtime/ETag) change
 
     @property
     def usable(self) -> pa.Table:
@@ -63,18 +63,19 @@ def labelled_set(pairs: list[tuple[str, str]], unlabelled: list[str], num_classe
                  endpoint_url: str | None, ignore_index: int) -> LabelledSet:
     index = class_presence_index(pairs, num_classes, cache_uri=cache_uri, endpoint_url=endpoint_url,
                                  ignore_index=ignore_index)
-    digest = hashlib.sha256()
-    for image_uri, label_uri, fingerprint in zip(index["image_uri"].to_pylist(), index["label_uri"].to_pylist(),
-                                                 index["label_fingerprint"].to_pylist()):
-        digest.update(f"{image_uri}\0{label_uri}\0{fingerprint}\n".encode())
-    return LabelledSet(index, unlabelled, digest.hexdigest()[:16])
+    return LabelledSet(index, unlabelled, _fingerprint_of(index))
+
+
+def _index_uri(images: str, labels: str | None) -> str:
+    """Beside the labels; for a manifest (no label prefix), beside the manifest."""
+    return default_index_uri(labels) if labels else join_uri(images.rsplit("/", 1)[0], PRESENCE_INDEX_NAME)
 
 
 def load_sets(images: str, labels: str | None, val_images: str | None, val_labels: str | None, val_fraction: float,
               num_classes: int, *, endpoint_url: str | None, ignore_index: int) -> tuple[LabelledSet, LabelledSet]:
     """The training and validation sets, each with its presence index (cached beside the labels)."""
     pairs, unlabelled = list_pairs(images, labels, endpoint_url)
-    cache = default_index_uri(labels) if labels else join_uri(images.rsplit("/", 1)[0], "_class_presence.parquet")
+    cache = _index_uri(images, labels)
     if val_images is None:
         val_pairs = [p for p in pairs if in_validation_split(p[0], val_fraction)]
         pairs = [p for p in pairs if not in_validation_split(p[0], val_fraction)]
@@ -82,18 +83,19 @@ def load_sets(images: str, labels: str | None, val_images: str | None, val_label
         val_cache = cache
     else:
         val_pairs, val_unlabelled = list_pairs(val_images, val_labels, endpoint_url)
-        val_cache = default_index_uri(val_labels) if val_labels else join_uri(val_images.rsplit("/", 1)[0], "_class_presence.parquet")
+        val_cache = _index_uri(val_images, val_labels)
     if not pairs or not val_pairs:
         raise ValueError(f"Images at {redact(images)} give {len(pairs)} training and {len(val_pairs)} validation pairs; "
                          "both need at least one labelled image.")
-    train = labelled_set(pairs, unlabelled, num_classes, cache_uri=cache, endpoint_url=endpoint_url, ignore_index=ignore_index)
-    if val_cache == cache:  # one index file per label folder: build it over both sides, then split it
+    if val_cache == cache:  # one index file per label folder: build it over both sides at once, then split it
         both = labelled_set(pairs + val_pairs, unlabelled, num_classes, cache_uri=cache, endpoint_url=endpoint_url,
                             ignore_index=ignore_index)
         n = len(pairs)
         train = LabelledSet(both.index.slice(0, n), unlabelled, _fingerprint_of(both.index.slice(0, n)))
         val = LabelledSet(both.index.slice(n), [], _fingerprint_of(both.index.slice(n)))
     else:
+        train = labelled_set(pairs, unlabelled, num_classes, cache_uri=cache, endpoint_url=endpoint_url,
+                             ignore_index=ignore_index)
         val = labelled_set(val_pairs, val_unlabelled, num_classes, cache_uri=val_cache, endpoint_url=endpoint_url,
                            ignore_index=ignore_index)
     for name, subset in (("training", train), ("validation", val)):
@@ -104,6 +106,7 @@ def load_sets(images: str, labels: str | None, val_images: str | None, val_label
 
 
 def _fingerprint_of(index: pa.Table) -> str:
+    """Changes when any image URI, label URI or label file (size, mtime/ETag) changes."""
     digest = hashlib.sha256()
     for row in zip(index["image_uri"].to_pylist(), index["label_uri"].to_pylist(), index["label_fingerprint"].to_pylist()):
         digest.update("\0".join(map(str, row)).encode() + b"\n")
