@@ -12,6 +12,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+import ray  # noqa: F401  imported before any CliRunner swaps sys.stderr: Ray's log handler keeps the stream it first saw
 
 # Dummy credentials, distinctive so a test can prove they never reach a table, a record or a message.
 AWS_ENV = {

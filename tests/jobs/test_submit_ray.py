@@ -108,7 +108,7 @@ def test_a_submitted_segment_job_runs_on_the_cluster_and_is_followed(ray_head: s
     started = time.time()
     result = runner.invoke(app, ["submit", str(segment_spec), "--address", ray_head, "--history", history])
     assert result.exit_code == 0, result.output
-    job_id = result.output.strip().splitlines()[-1]
+    job_id = result.stdout.strip().splitlines()[-1]  # stdout: what a script reads; logs go to stderr
     assert job_id.startswith("segment-") and time.time() - started < 30, "submit returns the id at once"
 
     assert _wait_for(ray_head, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, history) == "SUCCEEDED"
@@ -131,7 +131,7 @@ def test_a_submitted_segment_job_runs_on_the_cluster_and_is_followed(ray_head: s
 def test_a_stopped_job_is_stopped_and_recorded(ray_head: str, segment_spec: Path, tmp_path: Path) -> None:
     history = str(tmp_path / "history")
     result = runner.invoke(app, ["submit", str(segment_spec), "--address", ray_head, "--history", history])
-    job_id = result.output.strip().splitlines()[-1]
+    job_id = result.stdout.strip().splitlines()[-1]
     stopped = runner.invoke(app, ["jobs", "stop", job_id, "--address", ray_head])
     assert stopped.exit_code == 0, stopped.output
     assert _wait_for(ray_head, job_id, {"STOPPED", "SUCCEEDED", "FAILED"}, history, timeout=60) == "STOPPED"
