@@ -21,6 +21,7 @@ from typing import Any, Callable
 from croniter import croniter
 
 from segmill.jobs import conditions
+from segmill.jobs.history import now as utc_now
 from segmill.jobs.schedule import CONDITION_FALSE, FAILED, MISSED, OK, Schedule, ScheduleStore, iso
 from segmill.pipeline.storage import redact
 
@@ -37,10 +38,6 @@ def default_fire(spec: str, address: str | None) -> dict:
     from segmill.jobs.specs import run_spec
 
     return run_spec(spec, address=address)
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
