@@ -110,13 +110,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             images = (batch["image"].permute(0, 3, 1, 2).float() - mean) / std
             loss = segmentation_loss(model(images), batch["mask"].long(), ignore_index=spec.ignore_index,
                                      ohem_fraction=config["ohem_fraction"])
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"Training loss became {loss.item()} in epoch {epoch}; lower the learning rate.")
+            value = loss.item()  # the step's one device sync
+            if not math.isfinite(value):
+                raise FloatingPointError(f"Training loss became {value} in epoch {epoch}; lower the learning rate.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum, batches, samples = loss_sum + loss.item(), batches + 1, samples + len(images)
+            loss_sum, batches, samples = loss_sum + value, batches + 1, samples + len(images)
         confusion, val_skipped = confusion_on_pairs(plain, spec, val_pairs, device=device,
                                                     endpoint_url=config["endpoint_url"])
         totals = torch.tensor([loss_sum, batches, samples, val_skipped], dtype=torch.float64, device=device)
