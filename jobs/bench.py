@@ -42,9 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dl-threads", type=int, default=2)
     p.add_argument("--dl-workers", type=int, default=1)
     p.add_argument("--dl-batch", type=int, default=1)
+    p.add_argument("--dl-fast-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the DataLoader program with segmill's CPU model optimisations")
     p.add_argument("--ray-actors", type=int, default=2)
     p.add_argument("--ray-cpus", type=float, default=0.5)
     p.add_argument("--ray-batch", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every program; the median run is reported")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "segmill-bench"))
     p.add_argument("--output", default=".segmill/bench/bench.json", help="where the JSON report goes")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -86,7 +89,8 @@ def run_program(name: str, program: str, images: str, checkpoint: str, output: s
                   images_per_second=result["images"] / result["seconds"],
                   steady_images_per_second=result["images"] / (result.get("steady_seconds") or result["seconds"]),
                   peak_memory_bytes=memory.peak,
-                  peak_processes=memory.peak_processes)
+                  peak_processes=memory.peak_processes, peak_memory_by_process=memory.peak_by_process,
+                  cpu_seconds_by_process=memory.cpu_by_process)
     if memory.gpu_util:
         result["gpu_utilisation_mean"] = sum(memory.gpu_util) / len(memory.gpu_util)
     return result
@@ -126,12 +130,29 @@ def mask_agreement(reference: str, other: str) -> float | None:
     return equal / total if total else None
 
 
-def run_case(case: str, images: str, checkpoint: str, programs: list[tuple[str, str, dict]], work: Path) -> dict:
-    """Every program on one image folder; ratios of segmill to each and mask agreement with the first."""
-    results = []
-    for name, program, options in programs:
-        print(f"  {case}: {name} ...", flush=True)
-        results.append(run_program(name, program, images, checkpoint, str(work / case / name), options))
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median steady rate, with every run's rates beside it (a noisy machine's spread)."""
+    ran = [r for r in runs if "failed" not in r]
+    if not ran:
+        return runs[-1]
+    ran.sort(key=lambda r: r["steady_images_per_second"])
+    median = dict(ran[(len(ran) - 1) // 2])
+    if len(runs) > 1:
+        median["runs"] = [{k: r.get(k) for k in ("images_per_second", "steady_images_per_second", "peak_memory_bytes")}
+                          for r in runs]
+    return median
+
+
+def run_case(case: str, images: str, checkpoint: str, programs: list[tuple[str, str, dict]], work: Path,
+             repeat: int = 1) -> dict:
+    """Every program on one image folder, `repeat` rounds taken in turn (so slow spells of a shared machine fall
+    on every program); per program the median run, ratios of segmill to each, mask agreement with the first."""
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in programs}
+    for round_ in range(repeat):
+        for name, program, options in programs:
+            print(f"  {case}: {name} ..." + (f" (round {round_ + 1} of {repeat})" if repeat > 1 else ""), flush=True)
+            runs[name].append(run_program(name, program, images, checkpoint, str(work / case / name), options))
+    results = [_median_run(runs[name]) for name, _, _ in programs]
     ran = [r for r in results if "failed" not in r]
     if ran:
         for r in ran[1:]:
@@ -164,6 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
                "dataloader": dict(threads=args.dl_threads, workers=args.dl_workers, batch_size=args.dl_batch),
                "segmill": dict(resources=segmill_fields)}
     lineup = [(p, p, options[p]) for p in wanted]
+    if "dataloader" in wanted and args.dl_fast_path:
+        lineup.insert(wanted.index("dataloader") + 1,
+                      ("dataloader[fast path]", "dataloader", {**options["dataloader"], "fast_path": True}))
     if "segmill" in wanted:
         for extra in args.also_segmill:
             lineup.append((f"segmill[{extra}]", "segmill", dict(resources={**segmill_fields, **_fields([extra])})))
@@ -177,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             native = prepare_folder(args.dataset, work / f"dsb-native-{args.limit}", limit=args.limit, size=None)
             cases.append((f"{arch} @ native sizes", native, [row for row in lineup if row[1] != "ray_docs"]))
         for case, folder, rows in cases:
-            report["cases"].append(run_case(case, folder, checkpoint, rows, work / "runs"))
+            report["cases"].append(run_case(case, folder, checkpoint, rows, work / "runs", args.repeat))
             print_case(report["cases"][-1])
             _save(report, args.output)  # after every case: a long run stopped early keeps what it measured
     for count in [int(c) for c in args.synthetic.split(",") if c]:
@@ -185,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   side=args.synthetic_side)
         checkpoint = make_checkpoint(args.synthetic_model, work / "checkpoints" / f"{args.synthetic_model}.pt")
         case = f"{args.synthetic_model} @ {count} synthetic {args.synthetic_side}x{args.synthetic_side}"
-        report["cases"].append(run_case(case, folder, checkpoint, lineup, work / "runs"))
+        report["cases"].append(run_case(case, folder, checkpoint, lineup, work / "runs", args.repeat))
         print_case(report["cases"][-1])
         _save(report, args.output)
     report["cost_model"] = cost_model(report["cases"])

@@ -1,10 +1,16 @@
 """segmill.models: pure PyTorch segmentation models, checkpoints, prediction and metrics.
 
-No Ray, MLflow or object storage here: everything works in a notebook with torch alone.
+No Ray, MLflow or object storage here: everything works in a notebook with torch alone. The registry's names are
+imported on first use, so that `segmill.models.spec` (plain Python) can be read where torch is not loaded.
 """
-from segmill.models.registry import get_model, list_models, model_paper, register_model
-
-# Importing the families registers their builders.
-from segmill.models import deeplabv3, fast, fcn, segnet, unet  # noqa: F401,E402
+from typing import Any
 
 __all__ = ["get_model", "list_models", "model_paper", "register_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from segmill.models import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,11 +1,14 @@
 """The model registry: one decorator to register a builder, one function to build by name."""
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-ModelBuilder = Callable[..., nn.Module]
+ModelBuilder = Callable[..., "nn.Module"]
+BUILTIN_FAMILIES = ("deeplabv3", "fast", "fcn", "segnet", "unet")  # modules whose builders register on import
 
 _BUILDERS: dict[str, ModelBuilder] = {}
 _PAPERS: dict[str, str] = {}
@@ -25,12 +28,19 @@ def register_model(name: str | None = None, *, paper: str = "") -> Callable[[Mod
     return wrapper
 
 
+def _load_builtin_families() -> None:
+    for family in BUILTIN_FAMILIES:
+        importlib.import_module(f"segmill.models.{family}")
+
+
 def list_models() -> list[str]:
     """Names of every registered architecture, sorted."""
+    _load_builtin_families()
     return sorted(_BUILDERS)
 
 
 def get_model_builder(name: str) -> ModelBuilder:
+    _load_builtin_families()
     try:
         return _BUILDERS[name]
     except KeyError:
@@ -45,6 +55,6 @@ def model_paper(name: str) -> str:
     return _PAPERS[name]
 
 
-def get_model(name: str, **kwargs) -> nn.Module:
+def get_model(name: str, **kwargs) -> "nn.Module":
     """Build a registered model; keyword arguments go to its builder (e.g. `num_classes=21`)."""
     return get_model_builder(name)(**kwargs)

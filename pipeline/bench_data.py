@@ -110,6 +110,39 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def _process_kind(pid: int) -> str:
+    """What a process is, from its title: Ray retitles workers (`ray::Segmenter.__call__`, `ray::IDLE`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    title = argv[0].decode(errors="replace").split()[0] if argv and argv[0] else "?"
+    if title.startswith("ray::"):
+        return title.split(".")[0]
+    if os.path.basename(title).startswith("python") and len(argv) > 2:  # `python -m module` or `python script`
+        target = argv[2] if argv[1] == b"-m" else argv[1]
+        return "python " + os.path.basename(target.decode(errors="replace"))
+    return os.path.basename(title)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _by_process_kind(sizes: dict[int, int]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for pid, size in sizes.items():
+        kind = _process_kind(pid)
+        kinds[kind] = kinds.get(kind, 0) + size
+    return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+
+
 class TreeMemory:
     """Samples the summed PSS of a process and all its descendants (Ray's raylet, GCS, workers) until stopped;
     where nvidia-smi exists, GPU utilisation too."""
@@ -117,6 +150,8 @@ class TreeMemory:
     def __init__(self, pid: int, interval: float = 0.25):
         self.pid, self.interval = pid, interval
         self.peak, self.peak_processes, self.gpu_util = 0, 0, []
+        self.peak_by_process: dict[str, int] = {}  # at the peak: PSS per process kind, e.g. raylet, ray::Segmenter
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._smi = shutil.which("nvidia-smi")
@@ -137,12 +172,28 @@ class TreeMemory:
                 pid = pids.pop()
                 seen.append(pid)
                 pids.extend(tree.get(pid, []))
-            total = sum(_pss_bytes(p) for p in seen)
-            self.peak, self.peak_processes = max(self.peak, total), max(self.peak_processes, len(seen))
+            sizes = {pid: _pss_bytes(pid) for pid in seen}
+            for pid in seen:
+                seconds = _cpu_seconds(pid)
+                if seconds is not None:  # an exiting process loses its title: keep the one seen before
+                    kind = _process_kind(pid)
+                    self._cpu[pid] = (self._cpu[pid][0] if kind == "?" and pid in self._cpu else kind, seconds)
+            total = sum(sizes.values())
+            if total > self.peak:
+                self.peak, self.peak_by_process = total, _by_process_kind(sizes)
+            self.peak_processes = max(self.peak_processes, len(seen))
             if self._smi and ticks % 4 == 0:
                 self._sample_gpu()
             ticks += 1
             time.sleep(self.interval)
+
+    @property
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds (user + system) per process kind, as last sampled: where the machine's cores went."""
+        kinds: dict[str, float] = {}
+        for kind, seconds in self._cpu.values():
+            kinds[kind] = kinds.get(kind, 0.0) + seconds
+        return dict(sorted(kinds.items(), key=lambda item: -item[1]))
 
     def _sample_gpu(self) -> None:
         try:

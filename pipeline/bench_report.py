@@ -40,6 +40,17 @@ def print_case(case: dict[str, Any]) -> None:
         agree_text = "-" if agree is None else f"{100 * agree:.3f}%"
         print(f"{r['name']:<34}{r['images_per_second']:>8.2f}{r['steady_images_per_second']:>8.2f}{_gb(r['peak_memory_bytes']):>9}"
               f"{r['peak_processes']:>6}  {agree_text:>7}  {stages}{gpu}")
+    for r in case["results"]:
+        if len(r.get("runs", [])) > 1:
+            rates = ", ".join(f"{run['images_per_second'] or 0:.2f}/{run['steady_images_per_second'] or 0:.2f}"
+                              for run in r["runs"] if run.get("images_per_second"))
+            print(f"  every round, {r['name']} (total/steady img/s): {rates}")
+        top = list(r.get("peak_memory_by_process", {}).items())[:5]
+        if top:
+            print(f"  memory at peak, {r['name']}: " + ", ".join(f"{kind} {_gb(size)}" for kind, size in top))
+        busiest = list(r.get("cpu_seconds_by_process", {}).items())[:5]
+        if busiest:
+            print(f"  CPU seconds, {r['name']}: " + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in busiest))
     for name, ratio in case["ratios"].items():
         print(f"  ratio {name}: {ratio['total']:.2f}x total, {ratio['steady']:.2f}x steady")
 

@@ -35,6 +35,7 @@ class ResourceConfig:
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
+    fold_batchnorm: bool = True  # BatchNorm folded into the conv before it (models/fold.py): masks agree to rounding
     pin_memory: bool | None = None
     gpu_jpeg_decode: bool = False
 

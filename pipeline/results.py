@@ -16,7 +16,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
 
-from segmill.models.metrics import iou_from_counts
 from segmill.pipeline.storage import join_uri, open_fs, protocol_of, redact
 
 OK, ERROR = "ok", "error"
@@ -68,7 +67,7 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
     inter = np.diagonal(confusion, axis1=1, axis2=2)
     union = confusion.sum(1) + confusion.sum(2) - inter
     labelled = ok & batch["has_label"]
-    iou = iou_from_counts(inter, union)
+    iou = np.divide(inter, union, out=np.full(inter.shape, np.nan), where=union > 0)  # NaN: class absent
     defined = ~np.isnan(iou)
     miou = np.where(defined.any(1), np.where(defined, iou, 0).sum(1) / np.maximum(defined.sum(1), 1), np.nan)
     labelled_pixels, correct = confusion.sum((1, 2)), inter.sum(1)

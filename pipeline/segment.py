@@ -18,12 +18,11 @@ import pyarrow.parquet as pq
 from segmill.pipeline.config import SegmentConfig
 from segmill.pipeline.job_record import JobRecord, write_job_record
 from segmill.pipeline.listing import LISTING_SCHEMA, is_manifest, iter_image_batches
-from segmill.pipeline.model_source import ResolvedModel, resolve_model
+from segmill.pipeline.model_source import ResolvedModel, resolve_model_isolated
 from segmill.pipeline.ray_runtime import ensure_ray
 from segmill.pipeline.recovery import commit_lost_rows
 from segmill.pipeline.results import STAGING, committed_keys, committed_rows, is_committed
-from segmill.pipeline.segmenter import Segmenter
-from segmill.pipeline.stages import commit_batch, decode_batch, encode_masks
+from segmill.pipeline.stages import SegmenterStage, commit_batch, decode_batch, encode_masks
 from segmill.pipeline.storage import join_uri, open_fs, redact
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def segment(config: SegmentConfig) -> JobRecord:
 def prepare(config: SegmentConfig) -> _Plan:
     """All the checks that need no compute, and the listing of what is left to do."""
     job_id = config.resolved_job_id()
-    model = resolve_model(config.model, endpoint_url=config.endpoint_url)
+    model = resolve_model_isolated(config.model, endpoint_url=config.endpoint_url)
     if config.labels:
         if is_manifest(config.input):
             raise ValueError(f"Labels come from the manifest's label_uri column; drop --labels {redact(config.labels)}.")
@@ -162,7 +161,7 @@ def _dataset(config: SegmentConfig, plan: _Plan):
                                     ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url,
                                     labels_expected=config.labels is not None,
                                     gpu_jpeg=resources.gpu_jpeg_decode))
-        .map_batches(Segmenter, batch_size=resources.batch_size, batch_format="numpy",
+        .map_batches(SegmenterStage, batch_size=resources.batch_size, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
                      num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
                      # Bounded, unlike Ray Data's default of -1: an image that kills its actor must not loop forever.
@@ -173,7 +172,8 @@ def _dataset(config: SegmentConfig, plan: _Plan):
                                                 tile_threshold=config.tile_threshold, max_side=config.max_side,
                                                 low_confidence=config.low_confidence, precision=resources.precision,
                                                 channels_last=resources.channels_last, compile=resources.compile,
-                                                pin_memory=bool(resources.pin_memory)))
+                                                pin_memory=bool(resources.pin_memory),
+                                                fold_batchnorm=resources.fold_batchnorm))
         .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
                      fn_kwargs=dict(num_classes=spec.num_classes))
         .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,

@@ -25,7 +25,7 @@ class Segmenter:
                  scales: tuple[float, ...] = (1.0,), flip: bool = False, tile_size: int = 512,
                  tile_threshold: int = 2048 * 2048, max_side: int | None = None, low_confidence: float = 0.5,
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, fold_batchnorm: bool = False):
         torch.set_num_threads(max(1, torch_threads))
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.device = device
@@ -36,7 +36,8 @@ class Segmenter:
         self.predictor = Predictor(model, mean=self.spec.mean, std=self.spec.std, device=device, scales=scales,
                                    flip=flip, tile_size=tile_size, tile_threshold=tile_threshold,
                                    max_side=max_side, batch_size=batch_size, precision=precision,
-                                   channels_last=channels_last, compile=compile, pin_memory=pin_memory)
+                                   channels_last=channels_last, compile=compile, pin_memory=pin_memory,
+                                   fold_batchnorm=fold_batchnorm)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, k = len(batch["image_uri"]), self.num_classes
@@ -82,7 +83,7 @@ class Segmenter:
         for position, probs in self.predictor.iter_probs(images):
             i = indices[position]
             top, mask = probs.max(0)
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(0)
+            entropy = torch.special.entr(probs).sum(0)  # -p ln p, 0 at p = 0: one pass over the classes
             summary = torch.stack([top.mean(), entropy.mean(), (top < self.low_confidence).float().mean()]).double()
             histogram = torch.bincount(mask.flatten(), minlength=self.num_classes)
             counts = None

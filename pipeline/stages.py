@@ -91,3 +91,16 @@ def commit_batch(batch: dict[str, np.ndarray], *, classes: tuple[str, ...], outp
     ok = int((batch["status"] == OK).sum())
     return {"file": np.array([uri], dtype=object), "rows": np.array([table.num_rows]),
             "ok": np.array([ok]), "errors": np.array([table.num_rows - ok])}
+
+
+class SegmenterStage:
+    """The model stage as Ray Data runs it: torch and the model load in the actor, so the driver (which imports
+    this module) never loads torch."""
+
+    def __init__(self, **segmenter_kwargs) -> None:
+        from segmill.pipeline.segmenter import Segmenter
+
+        self.segmenter = Segmenter(**segmenter_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.segmenter(batch)

@@ -64,6 +64,17 @@ def test_channels_last_gives_identical_masks(name, checkpoints, dsb2018, one_tor
 
 
 @pytest.mark.parametrize("name", ["unet", "lraspp"])
+def test_folded_batchnorm_agrees_with_plain_fp32(name, checkpoints, dsb2018, one_torch_thread) -> None:
+    """The bulk job's default CPU path (BatchNorm folded, channels-last) against the model as trained."""
+    images = _case(name, dsb2018)
+    plain = _masks(checkpoints[name], images)
+    fast = _masks(checkpoints[name], images, channels_last=True, fold_batchnorm=True)
+    agreement = _agreement(fast, plain)
+    print(f"folded BatchNorm vs plain, {name}: {100 * agreement:.4f}% of pixels equal")
+    assert agreement >= 0.9999
+
+
+@pytest.mark.parametrize("name", ["unet", "lraspp"])
 def test_bf16_autocast_agrees_with_fp32(name, checkpoints, dsb2018, one_torch_thread) -> None:
     images = _case(name, dsb2018)
     plain = _masks(checkpoints[name], images)

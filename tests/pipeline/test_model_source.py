@@ -1,12 +1,14 @@
 """Resolving MODEL: checkpoint files, MLflow registry URIs (on SQLite, the embedded default), torchvision tags."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from segmill.models.checkpoint import load_checkpoint
-from segmill.pipeline.model_source import resolve_model
+from segmill.pipeline.model_source import resolve_model, resolve_model_isolated
 
 
 @pytest.fixture()
@@ -41,3 +43,23 @@ def test_torchvision_tags_are_checked_against_the_weights_enum() -> None:
         resolve_model("lraspp_mobilenet_v3_large:NOT_A_TAG")
     with pytest.raises(ValueError, match="is not a torchvision weights tag"):
         resolve_model("unet:IMAGENET1K_V1")
+
+
+def test_isolated_resolution_matches_and_keeps_torch_out_of_the_caller(registry: str, tiny_checkpoint: str,
+                                                                        tmp_path: Path) -> None:
+    """The bulk job's driver resolves in a child process; it gets the same model and never imports torch."""
+    for uri in (tiny_checkpoint, "models:/roads@champion"):
+        isolated, direct = resolve_model_isolated(uri), resolve_model(uri)
+        assert (isolated.name, isolated.version, isolated.spec) == (direct.name, direct.version, direct.spec)
+        assert isolated.checkpoint == direct.checkpoint
+    with pytest.raises(ValueError, match=r"models:/roads@nobody could not be resolved in MLflow"):
+        resolve_model_isolated("models:/roads@nobody")
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    with pytest.raises(ValueError, match="is not a usable segmill checkpoint"):
+        resolve_model_isolated(str(not_a_checkpoint))
+    probe = ("import sys; import segmill.pipeline, segmill.pipeline.segment, segmill.pipeline.stages; "
+             "from segmill.pipeline.model_source import resolve_model_isolated as r; "
+             f"assert r({tiny_checkpoint!r}).spec.num_classes > 1; print(sorted(m for m in sys.modules if m == 'torch'))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "[]"
