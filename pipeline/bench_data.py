@@ -97,17 +97,20 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _pss_bytes(pid: int) -> int:
-    """Proportional set size (shared pages split among their users, so a sum counts each page once), else RSS."""
-    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith(key):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return 0
+def _pss_bytes(pid: int) -> tuple[int, int]:
+    """Proportional set size (shared pages split among their users, so a sum counts each page once), else RSS; and
+    the part of it in shared memory (tmpfs: Ray's object store), 0 where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if line[:4] in ("Pss:", "Pss_"))
+        return int(fields["Pss"].split()[0]) * 1024, int(fields.get("Pss_Shmem", "0 kB").split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0
+    except (OSError, StopIteration):
+        return 0, 0
 
 
 def _process_kind(pid: int) -> str:
@@ -151,6 +154,7 @@ class TreeMemory:
         self.pid, self.interval = pid, interval
         self.peak, self.peak_processes, self.gpu_util = 0, 0, []
         self.peak_by_process: dict[str, int] = {}  # at the peak: PSS per process kind, e.g. raylet, ray::Segmenter
+        self.peak_shared = 0  # at the peak: the part in shared memory (Ray's object store)
         self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -172,7 +176,8 @@ class TreeMemory:
                 pid = pids.pop()
                 seen.append(pid)
                 pids.extend(tree.get(pid, []))
-            sizes = {pid: _pss_bytes(pid) for pid in seen}
+            measured = {pid: _pss_bytes(pid) for pid in seen}
+            sizes = {pid: pss for pid, (pss, _) in measured.items()}
             for pid in seen:
                 seconds = _cpu_seconds(pid)
                 if seconds is not None:  # an exiting process loses its title: keep the one seen before
@@ -181,6 +186,7 @@ class TreeMemory:
             total = sum(sizes.values())
             if total > self.peak:
                 self.peak, self.peak_by_process = total, _by_process_kind(sizes)
+                self.peak_shared = sum(shared for _, shared in measured.values())
             self.peak_processes = max(self.peak_processes, len(seen))
             if self._smi and ticks % 4 == 0:
                 self._sample_gpu()

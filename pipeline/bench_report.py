@@ -47,7 +47,8 @@ def print_case(case: dict[str, Any]) -> None:
             print(f"  every round, {r['name']} (total/steady img/s): {rates}")
         top = list(r.get("peak_memory_by_process", {}).items())[:5]
         if top:
-            print(f"  memory at peak, {r['name']}: " + ", ".join(f"{kind} {_gb(size)}" for kind, size in top))
+            shared = f" (shared memory, e.g. Ray's object store: {_gb(r.get('peak_shared_memory_bytes', 0))})"
+            print(f"  memory at peak{shared}, {r['name']}: " + ", ".join(f"{kind} {_gb(size)}" for kind, size in top))
         busiest = list(r.get("cpu_seconds_by_process", {}).items())[:5]
         if busiest:
             print(f"  CPU seconds, {r['name']}: " + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in busiest))

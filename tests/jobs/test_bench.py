@@ -24,6 +24,7 @@ def test_bench_reports_every_program(dsb2018: Path, tmp_path: Path, capsys) -> N
         # The breakdown at the peak adds up to the peak; the CPU seconds name the processes that used them.
         assert sum(r["peak_memory_by_process"].values()) == r["peak_memory_bytes"], name
         assert sum(r["cpu_seconds_by_process"].values()) > 0, name
+        assert 0 <= r["peak_shared_memory_bytes"] <= r["peak_memory_bytes"], name
     assert any(kind.startswith("ray::MapWorker") for kind in results["segmill"]["cpu_seconds_by_process"])
     # Same weights, same images: the plain fp32 programs give the bare loop's masks pixel for pixel; with
     # BatchNorm folded (segmill's default, the fast-path DataLoader) sums change order, so to rounding.
