@@ -4,8 +4,9 @@ On CPU, BatchNorm was a fifth of DeepLabv3-MobileNetV3's forward time (torch pro
 model computes the same affine map with the sums in another order, so masks agree to rounding (tested).
 
 Only pairs whose data flow is certain are folded: consecutive children of a plain ``nn.Sequential`` (one that
-does not override ``forward``) and the ``convN``/``bnN`` pairs of torchvision's ResNet blocks. Anything else is
-left as it is, so folding never changes what a model computes beyond rounding.
+does not override ``forward``) or of torchvision's ``IntermediateLayerGetter`` (a backbone run child by child;
+not where the conv's own output is returned), and the ``convN``/``bnN`` pairs of torchvision's ResNet blocks.
+Anything else is left as it is, so folding never changes what a model computes beyond rounding.
 """
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def _resnet_blocks() -> tuple[type, ...]:
     return BasicBlock, Bottleneck
 
 
+def _sequential_children(module: nn.Module) -> tuple[list[str], set[str]] | None:
+    """Names of children that `module` runs one after another, each on the last one's output, and those whose
+    own output is also returned (never folded into); None if `module` does not run its children so."""
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        return list(module._modules), set()
+    try:
+        from torchvision.models._utils import IntermediateLayerGetter
+    except ImportError:
+        return None
+    if type(module) is IntermediateLayerGetter:
+        return list(module._modules), set(module.return_layers)
+    return None
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold, in place, every BatchNorm2d that directly follows a Conv2d; returns how many were folded.
@@ -39,11 +54,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     folded = 0
     resnet_blocks = _resnet_blocks()
     for module in list(model.modules()):
-        if type(module).forward is nn.Sequential.forward and isinstance(module, nn.Sequential):
-            names = list(module._modules)
+        children = _sequential_children(module)
+        if children is not None:
+            names, returned = children
             for first, second in zip(names, names[1:]):
                 conv, bn = module._modules[first], module._modules[second]
-                if _foldable(conv, bn):
+                if first not in returned and _foldable(conv, bn):
                     module._modules[first] = fuse_conv_bn_eval(conv, bn)
                     module._modules[second] = nn.Identity()
                     folded += 1
