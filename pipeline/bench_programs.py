@@ -61,6 +61,16 @@ class _Clock:
         self.last = now
 
 
+def _finish(files: list[str], masks: list[bytes], output: str, clock: _Clock, *, started: float,
+            loop_started: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """A plain program's end: write its Parquet, and its result (steady: the processing loop alone)."""
+    steady = clock.last - loop_started
+    _write(files, masks, output)
+    clock.tick("write")
+    return {"images": len(files), "seconds": time.perf_counter() - started, "steady_seconds": steady,
+            "stages": dict(clock.stages), "settings": settings}
+
+
 def bare_loop(images: str, checkpoint: str, output: str, *, threads: int = 0, **_: Any) -> dict[str, Any]:
     """One process, batch 1: decode, forward, argmax, encode, in a plain loop."""
     import torch
@@ -83,12 +93,8 @@ def bare_loop(images: str, checkpoint: str, output: str, *, threads: int = 0, **
             clock.tick("argmax")
             masks.append(encode_png(mask))
             clock.tick("encode")
-    steady = clock.last - loop_started
-    _write(files, masks, output)
-    clock.tick("write")
-    return {"images": len(files), "seconds": time.perf_counter() - started, "steady_seconds": steady,
-            "stages": dict(clock.stages),
-            "settings": {"threads": torch.get_num_threads(), "batch_size": 1}}
+    return _finish(files, masks, output, clock, started=started, loop_started=loop_started,
+                   settings={"threads": torch.get_num_threads(), "batch_size": 1})
 
 
 class _Files:
@@ -148,12 +154,8 @@ def dataloader(images: str, checkpoint: str, output: str, *, threads: int = 2, w
                 for (i, _), mask in zip(group, found):
                     masks[i] = encode_png(mask)
                 clock.tick("encode")
-    steady = clock.last - loop_started
-    _write(files, masks, output)
-    clock.tick("write")
-    return {"images": len(files), "seconds": time.perf_counter() - started, "steady_seconds": steady,
-            "stages": dict(clock.stages),
-            "settings": {"threads": threads, "workers": workers, "batch_size": batch_size, "fast_path": fast_path}}
+    return _finish(files, masks, output, clock, started=started, loop_started=loop_started,
+                   settings={"threads": threads, "workers": workers, "batch_size": batch_size, "fast_path": fast_path})
 
 
 class DocsPredictor:
