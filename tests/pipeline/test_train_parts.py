@@ -77,18 +77,26 @@ def test_promotion_decision():
 
 
 def test_labelled_sets_count_and_skip_bad_pairs(tmp_path):
-    write_scenes(str(tmp_path), 12, seed=1)
-    labels = sorted((tmp_path / "labels").iterdir())
-    labels[0].write_bytes(encode_png(np.full((20, 20), 9, np.uint8)))  # class 9 of 7
-    labels[1].unlink()  # an image without a label
-    train, val = load_sets(str(tmp_path / "images"), str(tmp_path / "labels"), None, None, 0.25, len(SCENE_CLASSES),
+    # The split hashes each image's URI, and tmp_path changes between runs: take a folder whose split has a
+    # validation side, and spoil two training-side pairs, so that both sides keep usable images.
+    for attempt in range(50):
+        root = tmp_path / f"set{attempt}"
+        write_scenes(str(root), 12, seed=1)
+        images = sorted((root / "images").iterdir())
+        training_side = [p for p in images if not in_validation_split(str(p), 0.25)]
+        if 2 <= len(training_side) < len(images):
+            break
+    label_of = {p: root / "labels" / p.name for p in images}
+    label_of[training_side[0]].write_bytes(encode_png(np.full((20, 20), 9, np.uint8)))  # class 9 of 7
+    label_of[training_side[1]].unlink()  # an image without a label
+    train, val = load_sets(str(root / "images"), str(root / "labels"), None, None, 0.25, len(SCENE_CLASSES),
                            endpoint_url=None, ignore_index=255)
     assert len(train.unlabelled) == 1
     errors = train.errors + val.errors
     assert len(errors) == 1 and "outside" in errors[0][1]
     assert train.usable.num_rows + val.usable.num_rows == 10
     assert set(train.usable["image_uri"].to_pylist()).isdisjoint(val.usable["image_uri"].to_pylist())
-    again, _ = load_sets(str(tmp_path / "images"), str(tmp_path / "labels"), None, None, 0.25, len(SCENE_CLASSES),
+    again, _ = load_sets(str(root / "images"), str(root / "labels"), None, None, 0.25, len(SCENE_CLASSES),
                          endpoint_url=None, ignore_index=255)
     assert again.fingerprint == train.fingerprint
     assert in_validation_split("s3://b/x.png", 0.5) == in_validation_split("s3://b/x.png", 0.5)
