@@ -138,11 +138,11 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _by_process_kind(sizes: dict[int, int]) -> dict[str, int]:
-    kinds: dict[str, int] = {}
-    for pid, size in sizes.items():
-        kind = _process_kind(pid)
-        kinds[kind] = kinds.get(kind, 0) + size
+def _sum_by_kind(pairs) -> dict:
+    """(kind, amount) pairs summed per kind, largest first."""
+    kinds: dict = {}
+    for kind, amount in pairs:
+        kinds[kind] = kinds.get(kind, 0) + amount
     return dict(sorted(kinds.items(), key=lambda item: -item[1]))
 
 
@@ -177,15 +177,16 @@ class TreeMemory:
                 seen.append(pid)
                 pids.extend(tree.get(pid, []))
             measured = {pid: _pss_bytes(pid) for pid in seen}
-            sizes = {pid: pss for pid, (pss, _) in measured.items()}
+            kinds = {pid: _process_kind(pid) for pid in seen}
             for pid in seen:
                 seconds = _cpu_seconds(pid)
                 if seconds is not None:  # an exiting process loses its title: keep the one seen before
-                    kind = _process_kind(pid)
-                    self._cpu[pid] = (self._cpu[pid][0] if kind == "?" and pid in self._cpu else kind, seconds)
-            total = sum(sizes.values())
+                    kind = self._cpu[pid][0] if kinds[pid] == "?" and pid in self._cpu else kinds[pid]
+                    self._cpu[pid] = (kind, seconds)
+            total = sum(pss for pss, _ in measured.values())
             if total > self.peak:
-                self.peak, self.peak_by_process = total, _by_process_kind(sizes)
+                self.peak = total
+                self.peak_by_process = _sum_by_kind((kinds[pid], pss) for pid, (pss, _) in measured.items())
                 self.peak_shared = sum(shared for _, shared in measured.values())
             self.peak_processes = max(self.peak_processes, len(seen))
             if self._smi and ticks % 4 == 0:
@@ -196,10 +197,7 @@ class TreeMemory:
     @property
     def cpu_by_process(self) -> dict[str, float]:
         """CPU seconds (user + system) per process kind, as last sampled: where the machine's cores went."""
-        kinds: dict[str, float] = {}
-        for kind, seconds in self._cpu.values():
-            kinds[kind] = kinds.get(kind, 0.0) + seconds
-        return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+        return _sum_by_kind(self._cpu.values())
 
     def _sample_gpu(self) -> None:
         try:

@@ -67,7 +67,9 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
     inter = np.diagonal(confusion, axis1=1, axis2=2)
     union = confusion.sum(1) + confusion.sum(2) - inter
     labelled = ok & batch["has_label"]
-    iou = np.divide(inter, union, out=np.full(inter.shape, np.nan), where=union > 0)  # NaN: class absent
+    # metrics.iou_from_counts in numpy (NaN where a class is absent), inline: importing metrics loads torch, and
+    # the commit workers that run this must not.
+    iou = np.divide(inter, union, out=np.full(inter.shape, np.nan), where=union > 0)
     defined = ~np.isnan(iou)
     miou = np.where(defined.any(1), np.where(defined, iou, 0).sum(1) / np.maximum(defined.sum(1), 1), np.nan)
     labelled_pixels, correct = confusion.sum((1, 2)), inter.sum(1)
