@@ -53,10 +53,17 @@ def list_pairs(images: str, labels: str | None, endpoint_url: str | None) -> tup
     return pairs, unlabelled
 
 
-def in_validation_split(image_uri: str, fraction: float) -> bool:
-    """A stable split by URI hash: the same image stays on the same side whatever else is added."""
-    digest = hashlib.sha256(image_uri.encode()).digest()
+def in_validation_split(key: str, fraction: float) -> bool:
+    """A stable split by hash: the same image stays on the same side whatever else is added."""
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_key(image_uri: str, images: str) -> str:
+    """What the split hashes: the path under the images prefix, so that the same set copied to another bucket or
+    folder splits the same way (a manifest's URIs are hashed whole)."""
+    prefix = images.rstrip("/") + "/"
+    return image_uri[len(prefix):] if image_uri.startswith(prefix) else image_uri
 
 
 def labelled_set(pairs: list[tuple[str, str]], unlabelled: list[str], num_classes: int, *, cache_uri: str,
@@ -77,8 +84,9 @@ def load_sets(images: str, labels: str | None, val_images: str | None, val_label
     pairs, unlabelled = list_pairs(images, labels, endpoint_url)
     cache = _index_uri(images, labels)
     if val_images is None:
-        val_pairs = [p for p in pairs if in_validation_split(p[0], val_fraction)]
-        pairs = [p for p in pairs if not in_validation_split(p[0], val_fraction)]
+        held_out = [in_validation_split(split_key(p[0], images), val_fraction) for p in pairs]
+        val_pairs = [p for p, out in zip(pairs, held_out) if out]
+        pairs = [p for p, out in zip(pairs, held_out) if not out]
         val_unlabelled: list[str] = []
         val_cache = cache
     else:

@@ -18,7 +18,7 @@ from segmill.pipeline.scenes import SCENE_CLASSES, encode_png, write_scenes
 from segmill.pipeline.tracking import CHAMPION, latest_evaluation, log_evaluation
 from segmill.pipeline.train import resolve_hard_classes
 from segmill.pipeline.train_config import TrainConfig
-from segmill.pipeline.train_data import decode_and_augment, in_validation_split, load_sets
+from segmill.pipeline.train_data import decode_and_augment, in_validation_split, load_sets, split_key
 from segmill.pipeline.train_report import confusion_png
 
 
@@ -77,15 +77,13 @@ def test_promotion_decision():
 
 
 def test_labelled_sets_count_and_skip_bad_pairs(tmp_path):
-    # The split hashes each image's URI, and tmp_path changes between runs: take a folder whose split has a
-    # validation side, and spoil two training-side pairs, so that both sides keep usable images.
-    for attempt in range(50):
-        root = tmp_path / f"set{attempt}"
-        write_scenes(str(root), 12, seed=1)
-        images = sorted((root / "images").iterdir())
-        training_side = [p for p in images if not in_validation_split(str(p), 0.25)]
-        if 2 <= len(training_side) < len(images):
-            break
+    root = tmp_path / "set"
+    write_scenes(str(root), 12, seed=1)
+    images = sorted((root / "images").iterdir())
+    # The split hashes the path under the images prefix: scene_00000 and scene_00002 are held out, wherever the
+    # folder is. Two training-side pairs are spoiled, so both sides keep usable images.
+    training_side = [p for p in images if not in_validation_split(p.name, 0.25)]
+    assert len(training_side) == 10
     label_of = {p: root / "labels" / p.name for p in images}
     label_of[training_side[0]].write_bytes(encode_png(np.full((20, 20), 9, np.uint8)))  # class 9 of 7
     label_of[training_side[1]].unlink()  # an image without a label
@@ -100,6 +98,18 @@ def test_labelled_sets_count_and_skip_bad_pairs(tmp_path):
                          endpoint_url=None, ignore_index=255)
     assert again.fingerprint == train.fingerprint
     assert in_validation_split("s3://b/x.png", 0.5) == in_validation_split("s3://b/x.png", 0.5)
+
+
+def test_the_same_set_under_another_prefix_splits_the_same_way(tmp_path):
+    def held_out(root):
+        write_scenes(str(root), 16, seed=4)
+        _, val = load_sets(str(root / "images"), str(root / "labels"), None, None, 0.25, len(SCENE_CLASSES),
+                           endpoint_url=None, ignore_index=255)
+        return sorted(uri.rsplit("/", 1)[1] for uri in val.usable["image_uri"].to_pylist())
+
+    assert held_out(tmp_path / "a") == held_out(tmp_path / "copied" / "elsewhere")
+    assert split_key("s3://bucket/set/images/sub/x.png", "s3://bucket/set/images/") == "sub/x.png"
+    assert split_key("s3://other/x.png", "s3://bucket/manifest.parquet") == "s3://other/x.png"
 
 
 def test_no_usable_labels_fails_before_training(tmp_path):
