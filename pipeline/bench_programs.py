@@ -119,18 +119,20 @@ def dataloader(images: str, checkpoint: str, output: str, *, threads: int = 2, w
     """The best plain PyTorch program for one machine: worker processes decode, the main process runs the model.
 
     Images of one size are stacked into a batch; different sizes are run apart (no padding, so no mask changes).
-    `fast_path` gives it segmill's CPU model optimisations too (BatchNorm folded, channels-last), so that a
-    comparison can tell the pipeline's cost from the model's.
+    `fast_path` gives it segmill's CPU model optimisations too (BatchNorm folded, channels-last, freed memory kept
+    for reuse), so that a comparison can tell the pipeline's cost from the model's.
     """
     import torch
     from torch.utils.data import DataLoader
 
+    from segmill.models.allocator import keep_freed_memory
     from segmill.models.fold import fold_batchnorm
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
     model, mean, std = _load(checkpoint)
     if fast_path:
+        keep_freed_memory()
         fold_batchnorm(model)
         model = model.to(memory_format=torch.channels_last)
     files = list_images(images)
@@ -227,7 +229,8 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
             "stages": stages,
             "settings": {k: getattr(resolved, k) for k in ("batch_size", "actors_max", "cpus_per_actor",
                                                            "torch_threads", "decode_cpus", "precision",
-                                                           "channels_last", "fold_batchnorm", "compile")}}
+                                                           "channels_last", "fold_batchnorm", "keep_host_memory",
+                                                           "compile")}}
 
 
 def model_window(ds, model_stage: str) -> float | None:

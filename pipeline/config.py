@@ -36,6 +36,7 @@ class ResourceConfig:
     channels_last: bool = True
     compile: bool = False
     fold_batchnorm: bool = True  # BatchNorm folded into the conv before it (models/fold.py): 1.14-1.25x on CPU
+    keep_host_memory: bool = True  # freed tensor memory stays in the actor for the next batch (models/allocator.py)
     pin_memory: bool | None = None
     gpu_jpeg_decode: bool = False
 

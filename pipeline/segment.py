@@ -173,7 +173,8 @@ def _dataset(config: SegmentConfig, plan: _Plan):
                                                 low_confidence=config.low_confidence, precision=resources.precision,
                                                 channels_last=resources.channels_last, compile=resources.compile,
                                                 pin_memory=bool(resources.pin_memory),
-                                                fold_batchnorm=resources.fold_batchnorm))
+                                                fold_batchnorm=resources.fold_batchnorm,
+                                                keep_host_memory=resources.keep_host_memory))
         .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
                      fn_kwargs=dict(num_classes=spec.num_classes))
         .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,

@@ -14,7 +14,8 @@ import torch
 
 from segmill.models.checkpoint import load_checkpoint
 from segmill.models.metrics import confusion_matrix
-from segmill.models.predict import Predictor
+from segmill.models.allocator import keep_freed_memory
+from segmill.models.predict import Predictor, top_class_and_entropy
 from segmill.pipeline.results import ERROR, OK, mask_dtype
 from segmill.pipeline.storage import redact
 
@@ -26,8 +27,10 @@ class Segmenter:
                  scales: tuple[float, ...] = (1.0,), flip: bool = False, tile_size: int = 512,
                  tile_threshold: int = 2048 * 2048, max_side: int | None = None, low_confidence: float = 0.5,
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                 pin_memory: bool = False, fold_batchnorm: bool = False):
+                 pin_memory: bool = False, fold_batchnorm: bool = False, keep_host_memory: bool = False):
         torch.set_num_threads(max(1, torch_threads))
+        if keep_host_memory:
+            keep_freed_memory()
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.device = device
         model, self.spec = load_checkpoint(checkpoint, map_location=device)
@@ -81,10 +84,9 @@ class Segmenter:
     def _segment_bucket(self, batch, indices, masks, stats, class_pixels, confusion) -> None:
         images = [_image(batch, i, self.device) for i in indices]
         found: list[tuple] = []
-        for position, probs in self.predictor.iter_probs(images):
+        for position, scores, are_logits in self.predictor.iter_scores(images):
             i = indices[position]
-            top, mask = probs.max(0)
-            entropy = torch.special.entr(probs).sum(0)  # -p ln p, 0 at p = 0: one pass over the classes
+            top, mask, entropy = top_class_and_entropy(scores, are_logits)
             summary = torch.stack([top.mean(), entropy.mean(), (top < self.low_confidence).float().mean()]).double()
             histogram = torch.bincount(mask.flatten(), minlength=self.num_classes)
             counts = None

@@ -15,6 +15,7 @@ from segmill.models.predict import (
     pad_batch,
     pad_to_multiple,
     sliding_window_probs,
+    top_class_and_entropy,
     tta_probs,
 )
 
@@ -172,3 +173,32 @@ def test_max_side_downscales_the_forward_but_not_the_mask() -> None:
     full = Predictor(PixelModel(), device="cpu").predict_probs(flat)[0]
     assert small.shape == full.shape == (NUM_CLASSES, 65, 97)
     torch.testing.assert_close(small, full, rtol=0, atol=1e-5)
+
+
+def test_top_class_and_entropy_from_logits_equal_those_of_the_softmax() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(7, 33, 21) * 6
+    logits[:, 0, 0] = torch.tensor([50.0, -50, 0, 0, 0, 0, 0])  # one pixel almost certain: p ln p underflows
+    probs = logits.softmax(0)
+    for got, expected in zip(top_class_and_entropy(logits, True), top_class_and_entropy(probs, False)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    top, mask, entropy = top_class_and_entropy(probs, False)
+    assert torch.equal(mask, probs.argmax(0))
+    torch.testing.assert_close(entropy, -(probs * probs.clamp_min(1e-30).log()).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_scores_are_logits_only_for_one_view_at_the_image_size() -> None:
+    images = [random_image(20, 24), random_image(13, 9)]
+    plain = Predictor(PixelModel(), device="cpu", size_divisor=8)
+    with torch.inference_mode():
+        found = {i: (scores, are_logits) for i, scores, are_logits in plain.iter_scores(images)}
+        probs = dict(plain.iter_probs(images))
+        assert [found[i][1] for i in (0, 1)] == [True, True]
+        for i in (0, 1):
+            torch.testing.assert_close(found[i][0].softmax(0), probs[i])
+        for changed in (dict(flip=True), dict(scales=(0.5, 1.0)), dict(max_side=16), dict(tile_threshold=100)):
+            predictor = Predictor(PixelModel(), device="cpu", size_divisor=8, tile_size=16, **changed)
+            flags = [are_logits for _, _, are_logits in predictor.iter_scores(images)]
+            assert not any(flags), changed
+            masks = predictor.predict(images)
+            assert all(m.shape == im.shape[:2] for m, im in zip(masks, images))
