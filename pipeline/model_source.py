@@ -6,7 +6,8 @@ Accepted forms:
 - a registry architecture with a torchvision weights tag, `ARCH:TAG` (e.g.
   `lraspp_mobilenet_v3_large:COCO_WITH_VOC_LABELS_V1`), which torchvision downloads once (needs network).
 The driver resolves the model once, before any compute, and ships the bytes to the actors. The bulk job's
-driver does it in a child process (`resolve_model_isolated`): it then never loads torch, about 0.5 GB less.
+driver does it in a child process (`ModelCheck`): it then never loads torch, about 0.5 GB less, and lists the
+input and starts Ray while the child loads the model.
 """
 from __future__ import annotations
 
@@ -61,21 +62,50 @@ def resolve_model(model: str, *, endpoint_url: str | None = None, tracking_uri: 
 def resolve_model_isolated(model: str, *, endpoint_url: str | None = None,
                            tracking_uri: str | None = None) -> ResolvedModel:
     """`resolve_model` in a child Python process, for a caller that must not load torch itself."""
-    with tempfile.TemporaryDirectory(prefix="segmill-model-") as folder:
-        request = dict(model=model, endpoint_url=endpoint_url, tracking_uri=tracking_uri, folder=folder)
+    with ModelCheck(model, endpoint_url=endpoint_url, tracking_uri=tracking_uri) as check:
+        return check.result()
+
+
+class ModelCheck:
+    """`resolve_model` started in a child Python process; the caller goes on (listing, starting Ray) meanwhile.
+
+        with ModelCheck(uri) as check:
+            ...                      # other preparation
+            model = check.result()   # waits; raises ValueError for a model that cannot be used
+    """
+
+    def __init__(self, model: str, *, endpoint_url: str | None = None, tracking_uri: str | None = None):
+        self.model = model
+        self._folder = tempfile.TemporaryDirectory(prefix="segmill-model-")
+        request = dict(model=model, endpoint_url=endpoint_url, tracking_uri=tracking_uri, folder=self._folder.name)
         # The child imports the same segmill (a Ray job's py_modules included) as this process.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        child = subprocess.run([sys.executable, "-m", "segmill.pipeline.model_source", json.dumps(request)],
-                               env=env, capture_output=True, text=True)
-        answer = Path(folder, "answer.json")
-        if child.returncode or not answer.exists():
-            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"Resolving model {redact(model)} failed in its child process: {last}")
+        # Its stderr goes to a file, not a pipe: nobody reads a pipe until result(), and a full one would block it.
+        self._stderr = Path(self._folder.name, "stderr.txt")
+        with self._stderr.open("w") as stderr:
+            self._child = subprocess.Popen([sys.executable, "-m", "segmill.pipeline.model_source",
+                                            json.dumps(request)], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def result(self) -> ResolvedModel:
+        self._child.wait()
+        answer = Path(self._folder.name, "answer.json")
+        if self._child.returncode or not answer.exists():
+            last = (self._stderr.read_text().strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"Resolving model {redact(self.model)} failed in its child process: {last}")
         found = json.loads(answer.read_text())
         if "error" in found:
             raise ValueError(found["error"])
-        return ResolvedModel(found["name"], found["version"], Path(folder, "checkpoint").read_bytes(),
+        return ResolvedModel(found["name"], found["version"], Path(self._folder.name, "checkpoint").read_bytes(),
                              ModelSpec.from_dict(found["spec"]))
+
+    def __enter__(self) -> "ModelCheck":
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self._child.poll() is None:  # left early (another check failed): the answer is no longer wanted
+            self._child.kill()
+            self._child.wait()
+        self._folder.cleanup()
 
 
 def _answer(request: dict) -> None:

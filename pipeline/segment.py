@@ -12,13 +12,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segmill.pipeline.config import SegmentConfig
 from segmill.pipeline.job_record import JobRecord, write_job_record
 from segmill.pipeline.listing import LISTING_SCHEMA, is_manifest, iter_image_batches
-from segmill.pipeline.model_source import ResolvedModel, resolve_model_isolated
+from segmill.pipeline.model_source import ModelCheck, ResolvedModel
 from segmill.pipeline.ray_runtime import ensure_ray
 from segmill.pipeline.recovery import commit_lost_rows
 from segmill.pipeline.results import STAGING, committed_keys, committed_rows, is_committed
@@ -65,15 +66,30 @@ def segment(config: SegmentConfig) -> JobRecord:
 
 
 def prepare(config: SegmentConfig) -> _Plan:
-    """All the checks that need no compute, and the listing of what is left to do."""
+    """All the checks that need no compute, and the listing of what is left to do.
+
+    The model loads in a child process (`ModelCheck`) while the output's committed rows are read (a resumed job
+    of millions of rows reads for a while); nothing is written, and Ray is not started, before the model has
+    proved to load.
+    """
     job_id = config.resolved_job_id()
-    model = resolve_model_isolated(config.model, endpoint_url=config.endpoint_url)
+    if config.labels and is_manifest(config.input):
+        raise ValueError(f"Labels come from the manifest's label_uri column; drop --labels {redact(config.labels)}.")
+    with ModelCheck(config.model, endpoint_url=config.endpoint_url) as check:
+        committed = _committed_by_this_job(config, job_id)
+        done_keys = committed_keys(config.output, config.endpoint_url)
+        model = check.result()
     if config.labels:
-        if is_manifest(config.input):
-            raise ValueError(f"Labels come from the manifest's label_uri column; drop --labels {redact(config.labels)}.")
         check_label_classes(config.labels, model.spec.classes, config.endpoint_url)
-    _check_output(config, job_id, model.version)
-    done_keys = committed_keys(config.output, config.endpoint_url)
+    _check_model_version(config, committed, model.version)
+    _check_writable(config, job_id)
+    listing_dir, total, pending = _list_pending(config, job_id, done_keys)
+    log.info("job %s: %d images, %d already committed, %d to do", job_id, total, total - pending, pending)
+    return _Plan(job_id, model, listing_dir, pending, total - pending)
+
+
+def _list_pending(config: SegmentConfig, job_id: str, done_keys: np.ndarray) -> tuple[str, int, int]:
+    """Write the input's images not in `done_keys` as listing chunks; (listing folder, images, images to do)."""
     fs, listings = open_fs(join_uri(config.output, STAGING, job_id, "listing"), endpoint_url=config.endpoint_url)
     if fs.exists(listings):
         fs.rm(listings, recursive=True)
@@ -96,8 +112,7 @@ def prepare(config: SegmentConfig) -> _Plan:
             pending += fresh.num_rows
     if total == 0:
         raise ValueError(f"No images found at {redact(config.input)} (looked for jpg, jpeg, png, bmp, tif, tiff, webp).")
-    log.info("job %s: %d images, %d already committed, %d to do", job_id, total, total - pending, pending)
-    return _Plan(job_id, model, listing_dir, pending, total - pending)
+    return listing_dir, total, pending
 
 
 def check_label_classes(labels: str, model_classes: tuple[str, ...], endpoint_url: str | None) -> None:
@@ -118,7 +133,19 @@ def check_label_classes(labels: str, model_classes: tuple[str, ...], endpoint_ur
             return
 
 
-def _check_output(config: SegmentConfig, job_id: str, model_version: str) -> None:
+def _committed_by_this_job(config: SegmentConfig, job_id: str) -> pa.Table:
+    """The job ids and model versions of OUTPUT's rows, which must all be this job's."""
+    committed = committed_rows(config.output, config.endpoint_url, ["job_id", "model_version"])
+    others = set(committed["job_id"].to_pylist()) - {job_id}
+    if others:
+        raise ValueError(
+            f"Output {redact(config.output)} already holds results of job {sorted(others)[0]}; "
+            "use another output folder, or pass that job id to resume it."
+        )
+    return committed
+
+
+def _check_writable(config: SegmentConfig, job_id: str) -> None:
     fs, root = open_fs(config.output, endpoint_url=config.endpoint_url)
     probe = join_uri(root, STAGING, job_id, "write-probe")
     try:
@@ -128,13 +155,9 @@ def _check_output(config: SegmentConfig, job_id: str, model_version: str) -> Non
         fs.rm(probe)
     except Exception as exc:
         raise ValueError(f"Output {redact(config.output)} cannot be written ({type(exc).__name__}: {exc}).") from None
-    committed = committed_rows(config.output, config.endpoint_url, ["job_id", "model_version"])
-    others = set(committed["job_id"].to_pylist()) - {job_id}
-    if others:
-        raise ValueError(
-            f"Output {redact(config.output)} already holds results of job {sorted(others)[0]}; "
-            "use another output folder, or pass that job id to resume it."
-        )
+
+
+def _check_model_version(config: SegmentConfig, committed: pa.Table, model_version: str) -> None:
     versions = set(committed["model_version"].to_pylist()) - {model_version}
     if versions:  # same job id, but the model's weights changed since: resuming would mix two models in one table
         raise ValueError(
