@@ -6,8 +6,8 @@ Accepted forms:
 - a registry architecture with a torchvision weights tag, `ARCH:TAG` (e.g.
   `lraspp_mobilenet_v3_large:COCO_WITH_VOC_LABELS_V1`), which torchvision downloads once (needs network).
 The driver resolves the model once, before any compute, and ships the bytes to the actors. The bulk job's
-driver does it in a child process (`ModelCheck`): it then never loads torch, about 0.5 GB less, and lists the
-input and starts Ray while the child loads the model.
+driver does it in a child process (`ModelCheck`): it then never loads torch, about 0.5 GB less, and reads what
+the output already holds while the child loads the model.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def resolve_model_isolated(model: str, *, endpoint_url: str | None = None,
 
 
 class ModelCheck:
-    """`resolve_model` started in a child Python process; the caller goes on (listing, starting Ray) meanwhile.
+    """`resolve_model` started in a child Python process; the caller goes on with read-only checks meanwhile.
 
         with ModelCheck(uri) as check:
             ...                      # other preparation

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from segmill.models.allocator import keep_freed_memory
 from segmill.models.checkpoint import load_checkpoint
 from segmill.models.metrics import confusion_matrix
-from segmill.models.allocator import keep_freed_memory
 from segmill.models.predict import Predictor, top_class_and_entropy
 from segmill.pipeline.results import ERROR, OK, mask_dtype
 from segmill.pipeline.storage import redact
