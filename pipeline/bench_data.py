@@ -179,10 +179,11 @@ class TreeMemory:
             measured = {pid: _pss_bytes(pid) for pid in seen}
             kinds = {pid: _process_kind(pid) for pid in seen}
             for pid in seen:
+                if kinds[pid] == "?" and pid in self._cpu:  # an exiting process loses its title: keep the one seen
+                    kinds[pid] = self._cpu[pid][0]
                 seconds = _cpu_seconds(pid)
-                if seconds is not None:  # an exiting process loses its title: keep the one seen before
-                    kind = self._cpu[pid][0] if kinds[pid] == "?" and pid in self._cpu else kinds[pid]
-                    self._cpu[pid] = (kind, seconds)
+                if seconds is not None:
+                    self._cpu[pid] = (kinds[pid], seconds)
             total = sum(pss for pss, _ in measured.values())
             if total > self.peak:
                 self.peak = total
