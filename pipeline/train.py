@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from segmill.models.allocator import ONE_ARENA_ENV
 from segmill.models.checkpoint import ModelSpec, load_checkpoint
 from segmill.models.metrics import SegmentationMetrics
 from segmill.models.registry import list_models
@@ -105,7 +106,9 @@ def train(config: TrainConfig) -> TrainOutcome:
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # The training thread then reuses the memory its worker keeps (models/allocator.py).
+                             worker_runtime_env={"env_vars": dict(ONE_ARENA_ENV)}),
     )
     started = time.time()
     try:

@@ -1,6 +1,7 @@
 """Freed tensor memory is kept for reuse (models/allocator.py): measured by the page faults of a real process."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,47 @@ def test_kept_memory_is_reused_instead_of_faulted_in_again() -> None:
     default, kept = _page_faults("default"), _page_faults("keep")
     assert default > 5 * (32 << 20) // 4096  # each forward maps and zeroes its activations anew
     assert kept < default / 10
+
+
+FAULTS_IN_A_THREAD_WITH_ITS_OWN_ARENA = """
+import resource, threading, torch
+from segmill.models.allocator import keep_freed_memory
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 21, 3, padding=1))
+x = torch.randn(4, 3, 512, 512)  # 88 MB of logits: larger than a thread arena's 64 MB heaps
+arena_taken, kept, faults = threading.Event(), threading.Event(), []
+
+def forwards():  # like Ray Data's calling thread: it allocated before the model loaded
+    torch.zeros(1000)
+    arena_taken.set()
+    kept.wait()
+    with torch.inference_mode():
+        net(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            net(x)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+thread = threading.Thread(target=forwards)
+thread.start()
+arena_taken.wait()
+assert keep_freed_memory()
+kept.set()
+thread.join()
+print(faults[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc arenas are glibc's")
+def test_one_arena_from_process_start_keeps_memory_for_a_thread_that_allocated_first() -> None:
+    from segmill.models.allocator import ONE_ARENA_ENV
+
+    def faults(env: dict[str, str]) -> int:
+        inherited = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+        out = subprocess.run([sys.executable, "-c", FAULTS_IN_A_THREAD_WITH_ITS_OWN_ARENA], capture_output=True,
+                             text=True, check=True, env={**inherited, **env})
+        return int(out.stdout.split()[-1])
+
+    own_arena, one_arena = faults({}), faults(ONE_ARENA_ENV)
+    assert own_arena > 5 * (88 << 20) // 4096  # mallopt came too late for this thread: logits faulted in every time
+    assert one_arena < own_arena / 10

@@ -1,5 +1,5 @@
 """Images whose batches Ray gave up on (a crashing actor) still get exactly one row: an error row; and the
-listing is read so that a long job does not grow the model actor's memory.
+plan's choices that keep the model actor's memory flat and reused.
 
 A real actor crash cannot be produced on demand here, so the test plays the end of such a run: the listing
 exists, some rows were committed, the rest were lost; recovery must fill in exactly the lost ones.
@@ -38,17 +38,42 @@ def test_lost_images_become_error_rows_exactly_once(scenes_dir: Path, tiny_check
     assert all(r["label_uri"] and r["label_uri"].endswith(Path(r["image_uri"]).name) for r in lost)
 
 
+def _plan(scenes_dir: Path, tiny_checkpoint: str, tmp_path: Path, **resources) -> list:
+    """The bulk job's logical operators, from the read to the commit."""
+    import importlib
+
+    from segmill.pipeline.config import ResourceConfig
+
+    job = importlib.import_module("segmill.pipeline.segment")  # the module; the package's `segment` is the function
+    config = SegmentConfig(input=str(scenes_dir / "images"), output=str(tmp_path / "out"), model=tiny_checkpoint,
+                           resources=ResourceConfig(**resources))
+    node, nodes = job._dataset(config, prepare(config))._logical_plan.dag, []
+    while node is not None:
+        nodes.append(node)
+        node = node.input_dependencies[0] if node.input_dependencies else None
+    return nodes[::-1]
+
+
 def test_the_listing_is_read_with_the_reader_that_keeps_actor_memory_flat(ray_session, scenes_dir: Path,
                                                                            tiny_checkpoint: str, tmp_path: Path) -> None:
     """Ray 2.60's V2 Parquet reader (ListFiles -> ReadFiles) grew the model actor's memory with every batch
     (README "Throughput"); the job reads its listing with the V1 reader. A slow memory test would be noisy here,
     so the plan is checked: this fails if the flag is dropped or Ray stops honouring it."""
-    import importlib
+    names = [node.name for node in _plan(scenes_dir, tiny_checkpoint, tmp_path)]
+    assert names[0] == "ReadParquet" and not any("ReadFiles" in n or "ListFiles" in n for n in names), names
 
-    job = importlib.import_module("segmill.pipeline.segment")  # the module; the package's `segment` is the function
-    config = SegmentConfig(input=str(scenes_dir / "images"), output=str(tmp_path / "out"), model=tiny_checkpoint)
-    node, names = job._dataset(config, prepare(config))._logical_plan.dag, []
-    while node is not None:
-        names.append(node.name)
-        node = node.input_dependencies[0] if node.input_dependencies else None
-    assert names[-1] == "ReadParquet" and not any("ReadFiles" in n or "ListFiles" in n for n in names), names
+
+def test_the_model_actor_starts_with_one_malloc_arena(ray_session, scenes_dir: Path, tiny_checkpoint: str,
+                                                      tmp_path: Path) -> None:
+    """The env var that lets Ray Data's calling thread reuse kept memory (tests/models/test_allocator.py shows
+    the effect) reaches the model stage's actors only, and only while host memory is kept."""
+    from segmill.models.allocator import ONE_ARENA_ENV
+
+    def env_vars(**resources) -> dict[str, dict]:
+        return {node.name: node.ray_remote_args.get("runtime_env", {}).get("env_vars", {})
+                for node in _plan(scenes_dir, tiny_checkpoint, tmp_path, **resources)[1:]}
+
+    kept = env_vars()
+    assert kept.pop("MapBatches(SegmenterStage)") == ONE_ARENA_ENV
+    assert not any(kept.values()), kept
+    assert not any(env_vars(keep_host_memory=False).values())
