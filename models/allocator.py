@@ -10,7 +10,8 @@ The thresholds hold for every arena, but a thread that allocates first gets an a
 at most 64 MB: larger blocks there (a batch's logits) are mapped anew every time. Ray Data calls a model stage
 from a thread of its own, which had its arena before the model loaded: the actor ran 1.2x slower than the same
 code on the main thread, with 7x the page faults. glibc reads `MALLOC_ARENA_MAX` once at process start, so
-processes that run models are started with `ONE_ARENA_ENV` (pipeline/segment.py).
+the bulk job's model actors (pipeline/segment.py) and training workers (pipeline/train.py) are started with
+`ONE_ARENA_ENV`.
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def test_the_listing_is_read_with_the_reader_that_keeps_actor_memory_flat(ray_se
 def test_the_model_actor_starts_with_one_malloc_arena(ray_session, scenes_dir: Path, tiny_checkpoint: str,
                                                       tmp_path: Path) -> None:
     """The env var that lets Ray Data's calling thread reuse kept memory (tests/models/test_allocator.py shows
-    the effect) reaches the model stage's actors only, and only while host memory is kept."""
+    the effect) is asked for the model stage's actors only, and only while host memory is kept."""
     from segmill.models.allocator import ONE_ARENA_ENV
 
     def env_vars(**resources) -> dict[str, dict]:
