@@ -13,6 +13,10 @@ import yaml
 PRECISIONS = ("fp32", "bf16", "fp16")
 CPU_THREADS_PER_ACTOR = 4  # intra-op threads scale well up to about 4 on conv nets; more actors beyond that
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger images are usually decompression bombs or need tiling offline
+# Object-store memory the job's queued blocks may fill, per model actor. Ray Data's own limit (half the store)
+# let decoding (2,700 img/s) run ever further ahead of the model (160 img/s), so the peak grew with job length.
+QUEUE_MB_PER_CPU_ACTOR = 256
+QUEUE_MB_PER_GPU_ACTOR = 2048
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,13 @@ class ResourceConfig:
     keep_host_memory: bool = True  # freed tensor memory stays in the actor for the next batch (models/allocator.py)
     pin_memory: bool | None = None
     gpu_jpeg_decode: bool = False
+    queue_memory_mb: int | None = None  # object-store cap for queued blocks; None: per model actor, as above
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"Resource precision {self.precision!r} must be one of {list(PRECISIONS)}.")
+        if self.queue_memory_mb is not None and self.queue_memory_mb <= 0:
+            raise ValueError(f"Resource queue_memory_mb {self.queue_memory_mb} must be a positive number of MB.")
 
     def resolve(self, cluster: dict[str, float]) -> "ResourceConfig":
         """Fill the unset numbers from the cluster: one actor per GPU; on CPU, actors of up to 4 torch threads
@@ -64,6 +71,8 @@ class ResourceConfig:
         values["pin_memory"] = bool(gpus) if self.pin_memory is None else self.pin_memory
         values["actors_min"] = self.actors_min or 1
         values["actors_max"] = max(values["actors_max"], values["actors_min"])
+        per_actor = QUEUE_MB_PER_GPU_ACTOR if values["gpus_per_actor"] else QUEUE_MB_PER_CPU_ACTOR
+        values["queue_memory_mb"] = self.queue_memory_mb or per_actor * values["actors_max"]
         return dataclasses.replace(self, **values)
 
 

@@ -173,14 +173,25 @@ def _dataset(config: SegmentConfig, plan: _Plan):
     from segmill.pipeline.storage import arrow_filesystem
 
     resources = config.resources.resolve(ray.cluster_resources())
-    spec = plan.model.spec
     fs, listing_path = arrow_filesystem(plan.listing_dir, config.endpoint_url)
-    use_gpu = bool(resources.gpus_per_actor)
-    context = ray.data.DataContext.get_current()
+    # The job's settings go in a copy that its datasets capture, not in the process's context other jobs share.
+    context = ray.data.DataContext.get_current().copy()
     context.max_errored_blocks = -1  # lost blocks become error rows (recovery.py)
     # Ray 2.60's new Parquet reader (ListFiles -> ReadFiles) made the model actor's memory grow by about the size
     # of its outputs with every batch, 0.1 GB a minute at 170 img/s; the V1 reader kept it flat (README "Throughput").
     context.use_datasource_v2 = False
+    # Ray Data takes the lower of this and its own limit (QUEUE_MB_PER_CPU_ACTOR says why).
+    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+        object_store_memory=resources.queue_memory_mb * 2**20)
+    with ray.data.DataContext.current(context):
+        return _pipeline(config, plan, resources, listing_path, fs)
+
+
+def _pipeline(config: SegmentConfig, plan: _Plan, resources, listing_path: str, fs):
+    import ray
+
+    spec = plan.model.spec
+    use_gpu = bool(resources.gpus_per_actor)
     return (
         ray.data.read_parquet(listing_path, filesystem=fs)
         .map_batches(decode_batch, batch_size=resources.decode_batch_size, batch_format="pyarrow",

@@ -81,6 +81,7 @@ def test_required_keys(missing: str) -> None:
     ({**BASE, "scales": []}, "scales"),
     ({**BASE, "scales": [1, -0.5]}, "scales"),
     ({**BASE, "low_confidence": 1.5}, "low_confidence"),
+    ({**BASE, "resources": {"queue_memory_mb": 0}}, "queue_memory_mb"),
 ])
 def test_invalid_values(data: dict, phrase: str) -> None:
     with pytest.raises(ValueError, match=phrase):
@@ -151,11 +152,13 @@ def test_resources_on_a_two_core_cpu_machine() -> None:
     big = ResourceConfig().resolve({"CPU": 32.0})
     assert (big.actors_max, big.torch_threads, big.cpus_per_actor) == (8, 4, 2.0)  # threads capped; more actors
     assert resolved.batch_size >= 1
+    assert (resolved.queue_memory_mb, big.queue_memory_mb) == (256, 8 * 256)  # queued blocks: a budget per actor
 
 
 def test_resources_on_a_gpu_machine() -> None:
     resolved = ResourceConfig().resolve({"CPU": 16.0, "GPU": 2.0})
     assert resolved.gpus_per_actor == 1.0 and resolved.actors_max == 2  # one actor per GPU
+    assert resolved.queue_memory_mb == 2 * 2048  # a GPU eats blocks faster: a deeper queue keeps it fed
     assert resolved.cpus_per_actor == 1.0 and resolved.batch_size >= 1
 
 
@@ -165,3 +168,4 @@ def test_explicit_resources_win_over_the_cluster() -> None:
     assert ResourceConfig(gpus_per_actor=0.5).resolve({"CPU": 8.0, "GPU": 2.0}).actors_max == 4
     on_cpu = ResourceConfig(actors_min=3, actors_max=1).resolve({"CPU": 2.0})
     assert on_cpu.actors_min == 3 and on_cpu.actors_max == 3  # max is never below min
+    assert ResourceConfig(queue_memory_mb=100).resolve({"CPU": 64.0}).queue_memory_mb == 100

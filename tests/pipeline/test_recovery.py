@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segmill.pipeline.config import SegmentConfig
+from segmill.pipeline.config import QUEUE_MB_PER_CPU_ACTOR, ResourceConfig, SegmentConfig
 from segmill.pipeline.recovery import commit_lost_rows, error_batch
 from segmill.pipeline.results import build_table, commit_table, committed_rows
 from segmill.pipeline.scenes import SCENE_CLASSES
@@ -38,16 +38,19 @@ def test_lost_images_become_error_rows_exactly_once(scenes_dir: Path, tiny_check
     assert all(r["label_uri"] and r["label_uri"].endswith(Path(r["image_uri"]).name) for r in lost)
 
 
-def _plan(scenes_dir: Path, tiny_checkpoint: str, tmp_path: Path, **resources) -> list:
-    """The bulk job's logical operators, from the read to the commit."""
+def _job_dataset(scenes_dir: Path, tiny_checkpoint: str, tmp_path: Path, **resources):
+    """The bulk job's dataset, built but not run."""
     import importlib
-
-    from segmill.pipeline.config import ResourceConfig
 
     job = importlib.import_module("segmill.pipeline.segment")  # the module; the package's `segment` is the function
     config = SegmentConfig(input=str(scenes_dir / "images"), output=str(tmp_path / "out"), model=tiny_checkpoint,
                            resources=ResourceConfig(**resources))
-    node, nodes = job._dataset(config, prepare(config))._logical_plan.dag, []
+    return job._dataset(config, prepare(config))
+
+
+def _plan(scenes_dir: Path, tiny_checkpoint: str, tmp_path: Path, **resources) -> list:
+    """The bulk job's logical operators, from the read to the commit."""
+    node, nodes = _job_dataset(scenes_dir, tiny_checkpoint, tmp_path, **resources)._logical_plan.dag, []
     while node is not None:
         nodes.append(node)
         node = node.input_dependencies[0] if node.input_dependencies else None
@@ -77,3 +80,23 @@ def test_the_model_actor_starts_with_one_malloc_arena(ray_session, scenes_dir: P
     assert kept.pop("MapBatches(SegmenterStage)") == ONE_ARENA_ENV
     assert not any(kept.values()), kept
     assert not any(env_vars(keep_host_memory=False).values())
+
+
+def test_queued_blocks_are_capped_in_the_jobs_own_context(ray_session, scenes_dir: Path, tiny_checkpoint: str,
+                                                          tmp_path: Path) -> None:
+    """Ray Data's own limit let decoded images pile up in the object store as a job went on (README
+    "Throughput"); the job's dataset carries a cap per model actor, and the process's context, which other jobs
+    in the same driver share, is left as it was."""
+    import ray
+
+    shared = ray.data.DataContext.get_current()
+    before = (shared.execution_options.resource_limits.object_store_memory, shared.max_errored_blocks)
+
+    def cap(**resources) -> float:
+        dataset = _job_dataset(scenes_dir, tiny_checkpoint, tmp_path, **resources)
+        assert dataset.context.max_errored_blocks == -1 and dataset.context.use_datasource_v2 is False
+        return dataset.context.execution_options.resource_limits.object_store_memory
+
+    assert cap() == QUEUE_MB_PER_CPU_ACTOR * 2**20 * ResourceConfig().resolve(ray.cluster_resources()).actors_max
+    assert cap(queue_memory_mb=64, actors_max=3) == 64 * 2**20
+    assert (shared.execution_options.resource_limits.object_store_memory, shared.max_errored_blocks) == before

@@ -292,6 +292,28 @@ def test_dsb2018_iou_in_the_table_equals_the_metrics_module(dsb_run: Run, nuclei
     assert 0 < dataset.pixel_accuracy < 1 and 0 < iou_nucleus < 1, "the test model should get some pixels right"
 
 
+# A queue budget smaller than one decoded block (ResourceConfig.queue_memory_mb)
+
+
+def test_a_queue_budget_smaller_than_one_block_still_finishes(ray_session, tiny_checkpoint: str, tmp_path: Path,
+                                                                results_reader) -> None:
+    """Ray Data must still run one block at a time when a block alone exceeds the job's object-store cap (large
+    images on a small budget), not wait forever: 4 images of 0.9 MB decoded, one 3.7 MB block, a 1 MB cap."""
+    from segmill.pipeline.config import ResourceConfig
+    from segmill.pipeline.scenes import encode_png, render_scene
+
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        tile = render_scene(7, i)[0]
+        big = np.resize(tile, (480, 640, 3)).astype(np.uint8)
+        (tmp_path / "images" / f"big_{i}.png").write_bytes(encode_png(big))
+    config = SegmentConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"), model=tiny_checkpoint,
+                           resources=ResourceConfig(queue_memory_mb=1, decode_batch_size=4))
+    run = _run(config, results_reader)
+    assert (run.record.ok_rows, run.record.error_rows) == (4, 0), run.record
+    assert [(r["status"], r["height"], r["width"]) for r in run.rows.values()] == [("ok", 480, 640)] * 4
+
+
 # The model stage alone (no Ray): a mask must not depend on the other images of its batch
 
 
