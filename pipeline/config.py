@@ -16,7 +16,7 @@ DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger images are usually decomp
 # Object-store memory the job's queued blocks may fill, per model actor. Ray Data's own limit (half the store)
 # let decoding (2,700 img/s) run ever further ahead of the model (160 img/s), so the peak grew with job length.
 QUEUE_MB_PER_CPU_ACTOR = 256
-QUEUE_MB_PER_GPU_ACTOR = 2048
+QUEUE_MB_PER_GPU_ACTOR = 2048  # a faster consumer needs a deeper queue; not yet measured on a GPU
 
 
 @dataclass(frozen=True)
