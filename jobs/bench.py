@@ -90,7 +90,8 @@ def run_program(name: str, program: str, images: str, checkpoint: str, output: s
                   steady_images_per_second=result["images"] / (result.get("steady_seconds") or result["seconds"]),
                   peak_memory_bytes=memory.peak,
                   peak_processes=memory.peak_processes, peak_memory_by_process=memory.peak_by_process,
-                  cpu_seconds_by_process=memory.cpu_by_process, peak_shared_memory_bytes=memory.peak_shared)
+                  cpu_seconds_by_process=memory.cpu_by_process, peak_shared_memory_bytes=memory.peak_shared,
+                  peak_memory_by_quarter_bytes=memory.peaks_by_part(4))
     if memory.gpu_util:
         result["gpu_utilisation_mean"] = sum(memory.gpu_util) / len(memory.gpu_util)
     return result

@@ -164,12 +164,14 @@ class TreeMemory:
         self.peak, self.peak_processes, self.gpu_util = 0, 0, []
         self.peak_by_process: dict[str, int] = {}  # at the peak: PSS per process kind, e.g. raylet, ray::Segmenter
         self.peak_shared = 0  # at the peak: the part in shared memory (Ray's object store)
+        self.timeline: list[tuple[float, int]] = []  # (seconds since start, summed PSS) at every PSS sample
         self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._smi = shutil.which("nvidia-smi")
 
     def __enter__(self) -> "TreeMemory":
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
@@ -208,10 +210,23 @@ class TreeMemory:
     def _sample_pss(self, pids: list[int], kinds: dict[int, str]) -> None:
         measured = {pid: _pss_bytes(pid) for pid in pids}
         total = sum(pss for pss, _ in measured.values())
+        self.timeline.append((time.monotonic() - self._started, total))
         if total > self.peak:
             self.peak = total
             self.peak_by_process = _sum_by_kind((kinds[pid], pss) for pid, (pss, _) in measured.items())
             self.peak_shared = sum(shared for _, shared in measured.values())
+
+    def peaks_by_part(self, parts: int = 4) -> list[int]:
+        """The peak within each of `parts` equal spans of the run: flat when a longer job holds no more memory
+        late than early, where the overall peak alone also counts one-off spikes (a worker starting)."""
+        if not self.timeline:
+            return []
+        end = self.timeline[-1][0] or 1.0
+        peaks = [0] * parts
+        for seconds, total in self.timeline:
+            part = min(parts - 1, int(parts * seconds / end))
+            peaks[part] = max(peaks[part], total)
+        return peaks
 
     @property
     def cpu_by_process(self) -> dict[str, float]:

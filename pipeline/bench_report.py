@@ -49,6 +49,9 @@ def print_case(case: dict[str, Any]) -> None:
         if top:
             shared = f" (shared memory, e.g. Ray's object store: {_gb(r.get('peak_shared_memory_bytes', 0))})"
             print(f"  memory at peak{shared}, {r['name']}: " + ", ".join(f"{kind} {_gb(size)}" for kind, size in top))
+        quarters = r.get("peak_memory_by_quarter_bytes")
+        if quarters:
+            print(f"  peak memory in each quarter of the run (GB), {r['name']}: " + ", ".join(_gb(q) for q in quarters))
         busiest = list(r.get("cpu_seconds_by_process", {}).items())[:5]
         if busiest:
             print(f"  CPU seconds, {r['name']}: " + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in busiest))

@@ -25,6 +25,7 @@ def test_bench_reports_every_program(dsb2018: Path, tmp_path: Path, capsys) -> N
         assert sum(r["peak_memory_by_process"].values()) == r["peak_memory_bytes"], name
         assert sum(r["cpu_seconds_by_process"].values()) > 0, name
         assert 0 <= r["peak_shared_memory_bytes"] <= r["peak_memory_bytes"], name
+        assert max(r["peak_memory_by_quarter_bytes"]) == r["peak_memory_bytes"], name
     assert any(kind.startswith("ray::MapWorker") for kind in results["segmill"]["cpu_seconds_by_process"])
     # Same weights, same images: the plain fp32 programs give the bare loop's masks pixel for pixel; with
     # BatchNorm folded (segmill's default, the fast-path DataLoader) sums change order, so to rounding.
@@ -47,3 +48,12 @@ def test_repeated_rounds_report_the_median_run_and_keep_every_rate() -> None:
     assert (median["images_per_second"], median["steady_images_per_second"]) == (4.5, 8.0)
     assert [r["steady_images_per_second"] for r in median["runs"]] == [9.0, 7.0, 8.0]
     assert _median_run([{"name": "x", "failed": ["boom"]}])["failed"] == ["boom"]
+
+
+def test_memory_peaks_by_part_split_the_run_into_equal_spans() -> None:
+    from segmill.pipeline.bench_data import TreeMemory
+
+    memory = TreeMemory(pid=0)
+    memory.timeline = [(0.0, 5), (1.0, 9), (2.5, 4), (3.0, 7), (5.9, 6), (6.5, 3), (8.0, 2)]
+    assert memory.peaks_by_part(4) == [9, 7, 6, 3]  # spans of 2 s; the last sample falls in the last span
+    assert TreeMemory(pid=0).peaks_by_part(4) == []
