@@ -12,7 +12,7 @@ from segmill.pipeline.config import QUEUE_MB_PER_CPU_ACTOR, ResourceConfig, Segm
 from segmill.pipeline.recovery import commit_lost_rows, error_batch
 from segmill.pipeline.results import build_table, commit_table, committed_rows
 from segmill.pipeline.scenes import SCENE_CLASSES
-from segmill.pipeline.segment import prepare
+from segmill.pipeline.segment import FINISHING_TASKS_PER_GPU_ACTOR, prepare
 
 
 def test_lost_images_become_error_rows_exactly_once(scenes_dir: Path, tiny_checkpoint: str, tmp_path: Path) -> None:
@@ -80,6 +80,23 @@ def test_the_model_actor_starts_with_one_malloc_arena(ray_session, scenes_dir: P
     assert kept.pop("MapBatches(SegmenterStage)") == ONE_ARENA_ENV
     assert not any(kept.values()), kept
     assert not any(env_vars(keep_host_memory=False).values())
+
+
+def test_encode_and_commit_run_as_many_tasks_at_once_as_there_are_model_actors(ray_session, scenes_dir: Path,
+                                                                                tiny_checkpoint: str,
+                                                                                tmp_path: Path) -> None:
+    """Uncapped, backlogs of mask encoding and commits started extra worker processes (README "Throughput");
+    decoding stays uncapped, as it must feed the actors, and is bounded by the queue cap instead."""
+    def most_at_once(**resources) -> dict[str, int | None]:
+        return {node.name: getattr(node.compute, "size", getattr(node.compute, "max_size", None))
+                for node in _plan(scenes_dir, tiny_checkpoint, tmp_path, **resources)[1:]}
+
+    assert most_at_once(actors_min=1, actors_max=3) == {
+        "MapBatches(decode_batch)": None, "MapBatches(SegmenterStage)": 3, "MapBatches(encode_masks)": 3,
+        "MapBatches(commit_batch)": 3}
+    # Planned only (nothing runs), so a GPU actor's share can be checked on this CPU machine.
+    gpu = most_at_once(actors_max=2, gpus_per_actor=1.0)
+    assert gpu["MapBatches(encode_masks)"] == gpu["MapBatches(commit_batch)"] == 2 * FINISHING_TASKS_PER_GPU_ACTOR
 
 
 def test_queued_blocks_are_capped_in_the_jobs_own_context(ray_session, scenes_dir: Path, tiny_checkpoint: str,
