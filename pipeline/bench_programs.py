@@ -208,7 +208,8 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
     from segmill.pipeline.ray_runtime import ensure_ray
 
     job = importlib.import_module("segmill.pipeline.segment")  # the module; the package exports its function
-    ensure_ray()
+    config = SegmentConfig(input=images, output=output, model=checkpoint, resources=ResourceConfig(**(resources or {})))
+    ensure_ray(job_resources=config.resources)
     datasets = []
     build = job._dataset
 
@@ -217,7 +218,6 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
         return datasets[-1]
 
     job._dataset = keep
-    config = SegmentConfig(input=images, output=output, model=checkpoint, resources=ResourceConfig(**(resources or {})))
     started = time.perf_counter()
     record = job.segment(config)
     seconds = time.perf_counter() - started

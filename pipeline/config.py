@@ -44,12 +44,17 @@ class ResourceConfig:
     pin_memory: bool | None = None
     gpu_jpeg_decode: bool = False
     queue_memory_mb: int | None = None  # object-store cap for queued blocks; None: per model actor, as above
+    # Object store of the local cluster the job starts (ignored when joining one); None: twice the queue, at least
+    # 512 MB (pipeline/ray_runtime.py says why).
+    object_store_mb: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"Resource precision {self.precision!r} must be one of {list(PRECISIONS)}.")
         if self.queue_memory_mb is not None and self.queue_memory_mb <= 0:
             raise ValueError(f"Resource queue_memory_mb {self.queue_memory_mb} must be a positive number of MB.")
+        if self.object_store_mb is not None and self.object_store_mb < 100:
+            raise ValueError(f"Resource object_store_mb {self.object_store_mb} must be at least 100 MB.")
 
     def resolve(self, cluster: dict[str, float]) -> "ResourceConfig":
         """Fill the unset numbers from the cluster: one actor per GPU; on CPU, actors of up to 4 torch threads

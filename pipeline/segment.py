@@ -48,7 +48,7 @@ def segment(config: SegmentConfig) -> JobRecord:
     plan = prepare(config)
     files: list[dict] = []
     if plan.pending:
-        ensure_ray(config.ray_address)
+        ensure_ray(config.ray_address, config.resources)
         for row in _dataset(config, plan).iter_rows():
             files.append(row)
             log.info("committed %s (%d rows)", row["file"], row["rows"])

@@ -82,6 +82,7 @@ def test_required_keys(missing: str) -> None:
     ({**BASE, "scales": [1, -0.5]}, "scales"),
     ({**BASE, "low_confidence": 1.5}, "low_confidence"),
     ({**BASE, "resources": {"queue_memory_mb": 0}}, "queue_memory_mb"),
+    ({**BASE, "resources": {"object_store_mb": 50}}, "object_store_mb"),
 ])
 def test_invalid_values(data: dict, phrase: str) -> None:
     with pytest.raises(ValueError, match=phrase):
