@@ -5,9 +5,10 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
-# Ray's own default object store is 30% of memory (7 GB on a 24 GB machine). Plasma allocations spread over that
-# arena, and every page ever touched stays resident in the workers that mapped it: over a 100,000-image job the
-# store's resident pages grew to 0.37-0.45 GB, against 0.12-0.15 GB with a store a little over the job's queue.
+# Ray's own default object store is 30% of memory (7 GB on a 24 GB machine). Plasma allocations spread over the
+# store, and every page ever written stays resident: the store's resident pages grew with the job's length (0.12,
+# 0.20, 0.39-0.45 GB after 10,000, 30,000, 100,000 images) toward the store's size. A store sized to the job caps
+# them: 0.45 GB of a 0.5 GB store after 100,000 images, with no spilling and no loss of speed.
 STORE_PER_QUEUE = 2  # Ray Data keeps its queues within half the store: twice the queue makes its limit the queue
 MIN_LOCAL_STORE_MB = 512
 RAY_DEFAULT_STORE_SHARE = 0.3
