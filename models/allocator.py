@@ -17,10 +17,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import time
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 DEFAULT_THRESHOLD = 256 << 20
 ONE_ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}  # every thread allocates from the main arena, which keeps freed memory
+# Kept free memory spreads: blocks of other sizes come and go between batches, and free chunks all over the heap
+# stay resident. In a 100,000-image job the actor's heap held 150-190 MB free beside 205-245 MB in use;
+# malloc_trim gave back 160 MB, and 110 MB of it was resident again two minutes later. Trimming every 30 s
+# costs one batch's page faults per 30 s (0.18 s for DeepLabv3 at 512x512 on CPU): under 1%.
+TRIM_INTERVAL_S = 30.0
+
+
+def _glibc():
+    """The C library if it is glibc (whose mallopt parameter numbers are above), else None (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim, libc.gnu_get_libc_version  # noqa: B018 - only glibc has all three
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def keep_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
@@ -29,13 +45,31 @@ def keep_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
 
     Threads that have not allocated yet will share the main arena; those that have keep theirs (see above).
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # only glibc has both, and the parameter numbers above are glibc's
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     mallopt(M_ARENA_MAX, 1)
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+
+
+class FreedMemoryTrimmer:
+    """Call after each batch: every `interval` seconds, hands the heap's free pages back to the kernel
+    (glibc's malloc_trim), so the memory kept for reuse stays near one batch's worth instead of spreading."""
+
+    def __init__(self, interval: float = TRIM_INTERVAL_S, clock=time.monotonic):
+        libc = _glibc()
+        self._trim = libc.malloc_trim if libc is not None else None
+        if self._trim is not None:
+            self._trim.argtypes, self._trim.restype = (ctypes.c_size_t,), ctypes.c_int
+        self.interval, self._clock = interval, clock
+        self._last = clock()
+
+    def __call__(self) -> bool:
+        """True when it trimmed now."""
+        if self._trim is None or self._clock() - self._last < self.interval:
+            return False
+        self._trim(0)
+        self._last = self._clock()
+        return True

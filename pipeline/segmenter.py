@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from segmill.models.allocator import keep_freed_memory
+from segmill.models.allocator import FreedMemoryTrimmer, keep_freed_memory
 from segmill.models.checkpoint import load_checkpoint
 from segmill.models.metrics import confusion_matrix
 from segmill.models.predict import Predictor, top_class_and_entropy
@@ -29,8 +29,7 @@ class Segmenter:
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                  pin_memory: bool = False, fold_batchnorm: bool = False, keep_host_memory: bool = False):
         torch.set_num_threads(max(1, torch_threads))
-        if keep_host_memory:
-            keep_freed_memory()
+        self.trim_freed_memory = FreedMemoryTrimmer() if keep_host_memory and keep_freed_memory() else None
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.device = device
         model, self.spec = load_checkpoint(checkpoint, map_location=device)
@@ -65,6 +64,8 @@ class Segmenter:
         out.update(status=status, error=error, mask=masks, confidence_mean=stats[:, 0], entropy_mean=stats[:, 1],
                    low_confidence_fraction=stats[:, 2], class_pixels=class_pixels, confusion=confusion,
                    has_label=np.array([len(batch["label"][i]) > 0 for i in range(n)], dtype=bool))
+        if self.trim_freed_memory is not None:
+            self.trim_freed_memory()
         return out
 
     def _buckets(self, batch, indices: list[int]) -> list[list[int]]:

@@ -79,3 +79,31 @@ def test_one_arena_from_process_start_keeps_memory_for_a_thread_that_allocated_f
     own_arena, one_arena = faults({}), faults(ONE_ARENA_ENV)
     assert own_arena > 5 * (88 << 20) // 4096  # mallopt came too late for this thread: logits faulted in every time
     assert one_arena < own_arena / 10
+
+
+FREED_HOLES_TRIMMED = """
+import os, torch
+from segmill.models.allocator import FreedMemoryTrimmer, keep_freed_memory
+assert keep_freed_memory()
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+now = [0.0]
+trim = FreedMemoryTrimmer(interval=30.0, clock=lambda: now[0])
+blocks = [torch.ones(1 << 18) for _ in range(200)]  # 200 MB in 1 MB blocks, all touched
+kept = blocks[1::2]
+del blocks  # every other block freed: 100 MB of holes below live blocks, which no top-of-heap trim reaches
+before = resident()
+now[0] = 29.0
+early = trim()
+after_early = resident()
+now[0] = 31.0
+print(early, trim(), before - after_early, after_early - resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_kept_free_memory_goes_back_to_the_kernel_once_per_interval() -> None:
+    out = subprocess.run([sys.executable, "-c", FREED_HOLES_TRIMMED], capture_output=True, text=True, check=True)
+    early, trimmed, freed_early, freed_on_time = out.stdout.split()
+    assert (early, trimmed) == ("False", "True")
+    assert int(freed_early) < 10 << 20  # kept: nothing given back before the interval
+    assert int(freed_on_time) > 80 << 20  # the holes' pages given back
