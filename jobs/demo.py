@@ -39,6 +39,7 @@ def train_demo_model(path: Path, *, steps: int = 500, scenes: int = 200, crop: i
     data = [render_scene(TRAIN_SEED, i) for i in range(scenes)]
     inputs = [(normalize(image, spec.mean, spec.std), torch.from_numpy(mask).long()) for image, mask in data]
     optimizer, scheduler = sgd_with_poly(model, lr=0.05, total_steps=steps)
+    model.train()
     for step in range(steps):
         picks = torch.randint(0, scenes, (batch_size,), generator=generator).tolist()
         pairs = [random_scale_crop_flip(*inputs[i], crop, generator=generator, scale_range=(0.75, 1.25)) for i in picks]

@@ -1,7 +1,11 @@
 """segmill.models: pure PyTorch segmentation models, checkpoints, prediction and metrics.
 
-No Ray, MLflow or object storage here: everything works in a notebook with torch alone. The registry's names are
-imported on first use, so that `segmill.models.spec` (plain Python) can be read where torch is not loaded.
+`architectures/` holds the networks (one file per family) and `registry` builds them by name; `spec` and
+`checkpoint` are what a saved model is (weights plus a small spec, no pickled code); `predict` runs images of any
+size (test-time augmentation, tiling, the fast path); `metrics` and `iou` give exact confusion-matrix figures;
+`training` and `transfer` are the recipe's torch parts. No Ray, MLflow or object storage here: everything works
+in a notebook with torch alone. The registry's names are imported on first use, so that `segmill.models.spec`
+(plain Python) can be read where torch is not loaded.
 """
 from typing import Any
 

@@ -1,17 +1,14 @@
 """Keep freed tensor memory in the process for reuse, instead of handing it back to the kernel at every free.
 
-PyTorch's CPU allocator is glibc's malloc. By default glibc serves every block above 128 KB-32 MB with its own
-mmap and unmaps it on free, and trims the heap's free top, so each forward pass faults in (and zeroes) all its
-activations again. On DeepLabv3-MobileNetV3 at 512x512 that was 1.1 s of system time per 6 batches of 4, and
-with larger thresholds the forward ran 1.47x faster (README "Throughput"). The price is that a process keeps
-up to the threshold of free memory at its peak; it is used for the next batch.
+PyTorch's CPU allocator is glibc's malloc. By default glibc serves every large block with its own mmap and unmaps
+it on free, and trims the heap's free top, so each forward pass faults in (and zeroes) all its activations again.
+With larger thresholds the memory stays in the process for the next batch; the price is up to the threshold of
+free memory kept at the peak. docs/throughput.md has the measurements.
 
 The thresholds hold for every arena, but a thread that allocates first gets an arena of its own, whose heaps are
-at most 64 MB: larger blocks there (a batch's logits) are mapped anew every time. Ray Data calls a model stage
-from a thread of its own, which had its arena before the model loaded: the actor ran 1.2x slower than the same
-code on the main thread, with 7x the page faults. glibc reads `MALLOC_ARENA_MAX` once at process start, so
-the bulk job's model actors (pipeline/segment.py) and training workers (pipeline/train.py) are started with
-`ONE_ARENA_ENV`.
+too small for a batch's logits, so those are mapped anew every time. Ray Data calls a model stage from a thread
+of its own, which had its arena before the model loaded; glibc reads `MALLOC_ARENA_MAX` once at process start,
+so the bulk job's model actors and the training workers are started with `ONE_ARENA_ENV`.
 """
 from __future__ import annotations
 
@@ -22,10 +19,8 @@ import time
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 DEFAULT_THRESHOLD = 256 << 20
 ONE_ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}  # every thread allocates from the main arena, which keeps freed memory
-# Kept free memory spreads: blocks of other sizes come and go between batches, and free chunks all over the heap
-# stay resident. In a 100,000-image job the actor's heap held 415-446 MB, only 197-244 MB of it in use;
-# malloc_trim gave back 160 MB, and 110 MB of it was resident again two minutes later. Trimming every 30 s
-# costs one batch's page faults per 30 s (0.18 s for DeepLabv3 at 512x512 on CPU): under 1%.
+# Kept free memory spreads over the heap as blocks of other sizes come and go; a trim this often hands most of
+# it back for about one batch's page faults per interval.
 TRIM_INTERVAL_S = 30.0
 
 

@@ -1,7 +1,7 @@
 """Folding inference-mode BatchNorm into the convolution before it: the same function, one layer fewer.
 
-On CPU, BatchNorm was a fifth of DeepLabv3-MobileNetV3's forward time (torch profiler, 512x512); folded, the
-model computes the same affine map with the sums in another order, so masks agree to rounding (tested).
+Folded, the model computes the same affine map with one pass fewer over every feature map, the sums in another
+order, so masks agree to rounding (tested; the speed-up is in docs/throughput.md).
 
 Only pairs whose data flow is certain are folded: consecutive children of a plain ``nn.Sequential`` (one that
 does not override ``forward``) or of torchvision's ``IntermediateLayerGetter`` (a backbone run child by child;

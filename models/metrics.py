@@ -25,6 +25,9 @@ from typing import Union
 import numpy as np
 import torch
 
+from segmill.models import iou as numpy_iou
+from segmill.models.spec import DEFAULT_IGNORE_INDEX
+
 Mask = Union[torch.Tensor, np.ndarray]
 Counts = Union[torch.Tensor, np.ndarray]
 
@@ -54,7 +57,7 @@ def _check_values(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     )
 
 
-def confusion_matrix(pred: Mask, target: Mask, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: Mask, target: Mask, num_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
     """Confusion matrix (int64 [C, C], rows = ground truth, cols = prediction) of masks of any shape.
 
     Counted on ``target``'s device with one bincount; pixels whose target is ``ignore_index`` are skipped.
@@ -71,30 +74,6 @@ def confusion_matrix(pred: Mask, target: Mask, num_classes: int, ignore_index: i
     return torch.bincount(index.flatten(), minlength=cc + 1)[:cc].view(num_classes, num_classes)
 
 
-def per_image_confusion(pred: Mask, target: Mask, num_classes: int, ignore_index: int = 255,
-                        valid_mask: Mask | None = None) -> torch.Tensor:
-    """One confusion matrix per image of a batch: [B, H, W] masks -> int64 [B, C, C].
-
-    A single bincount with a per-image offset, for bulk inference on the device. ``valid_mask`` ([B, H, W],
-    true = count) excludes regions such as batch padding.
-    """
-    target = _as_long(target)
-    pred = _as_long(pred, target.device)
-    if pred.shape != target.shape or target.dim() != 3:
-        raise ValueError(
-            f"pred and target must both be [B, H, W]; got {tuple(pred.shape)} and {tuple(target.shape)}."
-        )
-    valid = target != ignore_index
-    if valid_mask is not None:
-        valid = valid & _as_long(valid_mask, target.device).bool()
-    _check_values(pred, target, valid, num_classes, ignore_index)
-    batch, cc = target.shape[0], num_classes * num_classes
-    offset = torch.arange(batch, device=target.device).view(batch, 1, 1) * cc
-    index = torch.where(valid, offset + target * num_classes + pred, batch * cc)
-    counts = torch.bincount(index.flatten(), minlength=batch * cc + 1)[: batch * cc]
-    return counts.view(batch, num_classes, num_classes)
-
-
 def intersection_and_union(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class intersection and union counts of [..., C, C] confusion matrices (batched is fine)."""
     inter = torch.diagonal(confusion, dim1=-2, dim2=-1)
@@ -105,13 +84,10 @@ def intersection_and_union(confusion: torch.Tensor) -> tuple[torch.Tensor, torch
 def iou_from_counts(intersection: Counts, union: Counts) -> Counts:
     """IoU from intersection and union counts (summed over images for a dataset figure); NaN where union is 0.
 
-    Returns the same kind as the input: float64 numpy array or float64 tensor.
+    Returns the same kind as the input: float64 numpy array (`models/iou.py`) or float64 tensor.
     """
     if isinstance(intersection, np.ndarray) or isinstance(union, np.ndarray):
-        inter, uni = np.asarray(intersection, dtype=np.float64), np.asarray(union, dtype=np.float64)
-        out = np.full(np.broadcast(inter, uni).shape, np.nan)
-        np.divide(inter, uni, out=out, where=uni > 0)
-        return out
+        return numpy_iou.iou_from_counts(intersection, union)
     inter, uni = intersection.double(), union.double()
     return torch.where(uni > 0, inter / uni.clamp(min=1), torch.full_like(uni, math.nan))
 
@@ -119,8 +95,7 @@ def iou_from_counts(intersection: Counts, union: Counts) -> Counts:
 def nanmean(values: Counts) -> float:
     """Mean over the defined (non-NaN) entries; NaN when none is defined, without a warning."""
     arr = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
-    defined = arr[~np.isnan(arr)]
-    return float(defined.mean()) if defined.size else math.nan
+    return numpy_iou.nanmean(arr)
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,9 +176,9 @@ class SegmentationMetrics:
 
 
 class ConfusionAccumulator:
-    """Sums confusion matrices over images (and over workers via ``merge``) for dataset-level figures."""
+    """Sums confusion matrices over images for dataset-level figures."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None):
+    def __init__(self, num_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX, device: torch.device | str | None = None):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -212,26 +187,6 @@ class ConfusionAccumulator:
         """Add masks of any shape (one image or a batch)."""
         cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         self.confusion += cm.to(self.confusion.device)
-
-    def add_confusion(self, confusion: torch.Tensor) -> None:
-        """Add precomputed [C, C] or [..., C, C] matrices (e.g. from ``per_image_confusion``)."""
-        cm = torch.as_tensor(confusion).to(self.confusion.device, torch.int64)
-        if cm.shape[-2:] != self.confusion.shape:
-            raise ValueError(f"confusion of shape {tuple(cm.shape)} does not fit {self.num_classes} classes.")
-        self.confusion += cm.reshape(-1, self.num_classes, self.num_classes).sum(0)
-
-    def merge(self, other: ConfusionAccumulator) -> ConfusionAccumulator:
-        """Add another accumulator's counts (e.g. another worker's) into this one; returns self."""
-        if other.num_classes != self.num_classes or other.ignore_index != self.ignore_index:
-            raise ValueError(
-                f"cannot merge an accumulator of {other.num_classes} classes (ignore {other.ignore_index}) "
-                f"into one of {self.num_classes} classes (ignore {self.ignore_index})."
-            )
-        self.confusion += other.confusion.to(self.confusion.device)
-        return self
-
-    def reset(self) -> None:
-        self.confusion.zero_()
 
     def compute(self) -> SegmentationMetrics:
         return SegmentationMetrics.from_confusion(self.confusion)

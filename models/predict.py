@@ -20,11 +20,10 @@ Resize and pad policy (why: a mask must line up pixel for pixel with its image):
 
 Models take normalised [B, 3, H, W] float input and return ``{"out": logits [B, K, H, W]}``.
 
-The fast path (``FastForward``; all off by default here, so results are exactly the model's):
-channels-last memory format (same masks, measured 1.5x faster on CPU for MobileNetV3), bf16/fp16 autocast
-(logits return as float32; masks agree with fp32 on a measured share of pixels), optional ``torch.compile``,
-BatchNorm folded into convolutions (``models/fold.py``), and pinned host memory so that host-to-device copies
-are asynchronous.
+The fast path (``FastPath``, applied by ``FastForward``; all off by default, so results are exactly the model's):
+channels-last memory format, bf16/fp16 autocast (logits return as float32), optional ``torch.compile``, BatchNorm
+folded into convolutions (``models/fold.py``), and pinned host memory so that host-to-device copies are
+asynchronous. What each changes in masks and speed is measured in docs/throughput.md.
 """
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmill.models.fold import fold_batchnorm as fold_batchnorm_into_convs
+from segmill.models.options import FastPath, InferenceOptions
 from segmill.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -75,17 +75,17 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bf
 class FastForward(nn.Module):
     """``model(x)`` with the fast-path options applied; returns ``{"out": float32 logits}`` like the model."""
 
-    def __init__(self, model: nn.Module, *, device_type: str, precision: str = "fp32", channels_last: bool = False,
-                 compile: bool = False, fold_batchnorm: bool = False):
+    def __init__(self, model: nn.Module, *, device_type: str, fast: FastPath = FastPath()):
         super().__init__()
-        if precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}; got {precision!r}.")
-        if fold_batchnorm:  # in place: only for a model this forward owns and keeps in eval mode
+        if fast.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}; got {fast.precision!r}.")
+        if fast.fold_batchnorm:  # in place: only for a model this forward owns and keeps in eval mode
             fold_batchnorm_into_convs(model.eval())
-        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
-        self.device_type, self.dtype, self.channels_last = device_type, AUTOCAST_DTYPES[precision], channels_last
+        self.model = model.to(memory_format=torch.channels_last) if fast.channels_last else model
+        self.device_type, self.dtype = device_type, AUTOCAST_DTYPES[fast.precision]
+        self.channels_last = fast.channels_last
         # dynamic=None: the first new size recompiles once, then shapes are treated as dynamic.
-        self._run = torch.compile(self.model) if compile else self.model
+        self._run = torch.compile(self.model) if fast.compile else self.model
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -173,8 +173,8 @@ def top_class_and_entropy(scores: torch.Tensor, are_logits: bool) -> tuple[torch
     """Per pixel of scores [K, H, W]: the top class's probability, the top class, and the entropy (nats).
 
     From logits no softmax is formed: with e_k = exp(l_k - l_max) and Z = sum_k e_k, the top probability is 1/Z
-    and the entropy is ln Z - sum_k e_k (l_k - l_max) / Z. That is one exp pass and no log or division per
-    class, 2.5x cheaper than softmax, max and p ln p on CPU, and the same numbers to float rounding.
+    and the entropy is ln Z - sum_k e_k (l_k - l_max) / Z: one exp pass and no log or division per class,
+    the same numbers as softmax, max and p ln p to float rounding.
     """
     if not are_logits:
         top, mask = scores.max(0)
@@ -195,8 +195,8 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def sliding_window_probs(model: nn.Module, images: torch.Tensor, *, tile_size: int = 512,
-                         overlap: float = 0.25, stride: int | None = None, scales: Sequence[float] = (1.0,),
+def sliding_window_probs(model: nn.Module, images: torch.Tensor, *, tile_size: int = InferenceOptions.tile_size,
+                         overlap: float = InferenceOptions.tile_overlap, stride: int | None = None, scales: Sequence[float] = (1.0,),
                          flip: bool = False, size_divisor: int = 1, tiles_per_batch: int = 4) -> torch.Tensor:
     """Tiled ``tta_probs`` for large [B, 3, H, W] images: overlapping tiles averaged by coverage count.
 
@@ -234,26 +234,20 @@ class Predictor:
 
     def __init__(self, model: nn.Module, *, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, device: torch.device | str | None = None,
-                 scales: Sequence[float] = (1.0,), flip: bool = False, tile_size: int = 512,
-                 tile_overlap: float = 0.25, tile_threshold: int = 2048 * 2048, size_divisor: int = 32,
-                 max_side: int | None = None, batch_size: int = 8, precision: str = "fp32",
-                 channels_last: bool = False, compile: bool = False, pin_memory: bool = False,
-                 fold_batchnorm: bool = False):
+                 options: InferenceOptions = InferenceOptions(), fast: FastPath = FastPath()):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
-        self.forward_model = FastForward(self.model, device_type=self.device.type, precision=precision,
-                                         channels_last=channels_last, compile=compile, fold_batchnorm=fold_batchnorm)
-        self.pin_memory = pin_memory and self.device.type == "cuda"
+        self.forward_model = FastForward(self.model, device_type=self.device.type, fast=fast)
+        self.pin_memory = fast.pin_memory and self.device.type == "cuda"
         self.mean, self.std = tuple(mean), tuple(std)
-        self.scales, self.flip = tuple(scales), flip
-        self.tile_size, self.tile_overlap, self.tile_threshold = tile_size, tile_overlap, tile_threshold
-        self.size_divisor, self.max_side, self.batch_size = size_divisor, max_side, batch_size
+        self.options = options
 
-    def _forward_size(self, size: Size) -> Size:
+    def forward_size(self, size: Size) -> Size:
         """The size an image of ``size`` is run at: downscaled so its long side is at most ``max_side``."""
-        if not self.max_side or max(size) <= self.max_side:
+        max_side = self.options.max_side
+        if not max_side or max(size) <= max_side:
             return size
-        factor = self.max_side / max(size)
+        factor = max_side / max(size)
         return max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
 
     def _prepare(self, image: Image) -> torch.Tensor:
@@ -261,7 +255,7 @@ class Predictor:
         if self.pin_memory and isinstance(image, np.ndarray):  # pinned: the copy below does not block the host
             image = torch.from_numpy(np.ascontiguousarray(image)).pin_memory()
         x = normalize(image, self.mean, self.std, self.device)
-        return _resize(x[None], self._forward_size((x.shape[-2], x.shape[-1])), antialias=True)[0]
+        return _resize(x[None], self.forward_size((x.shape[-2], x.shape[-1])), antialias=True)[0]
 
     def iter_scores(self, images: Sequence[Image]) -> Iterator[tuple[int, torch.Tensor, bool]]:
         """(index, scores [K, H, W] at original size, are_logits) per image, in batch order; under inference_mode.
@@ -272,23 +266,24 @@ class Predictor:
         result there and free it.
         """
         sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
-        tta = dict(scales=self.scales, flip=self.flip, size_divisor=self.size_divisor)
-        single_view = self.scales == (1.0,) and not self.flip
+        options = self.options
+        tta = dict(scales=tuple(options.scales), flip=options.flip, size_divisor=options.size_divisor)
+        single_view = tuple(options.scales) == (1.0,) and not options.flip
         small = []
         for i, size in enumerate(sizes):
-            h, w = self._forward_size(size)
-            if h * w <= self.tile_threshold:
+            h, w = self.forward_size(size)
+            if h * w <= options.tile_threshold:
                 small.append(i)
                 continue
-            probs = sliding_window_probs(self.forward_model, self._prepare(images[i])[None], tile_size=self.tile_size,
-                                         overlap=self.tile_overlap, **tta)
+            probs = sliding_window_probs(self.forward_model, self._prepare(images[i])[None],
+                                         tile_size=options.tile_size, overlap=options.tile_overlap, **tta)
             yield i, _resize(probs, size)[0], False
-        small.sort(key=lambda i: self._forward_size(sizes[i]))  # similar sizes share a batch: less padding
-        for start in range(0, len(small), self.batch_size):
-            chunk = small[start: start + self.batch_size]
-            batch, run_sizes = pad_batch([self._prepare(images[i]) for i in chunk], self.size_divisor)
+        small.sort(key=lambda i: self.forward_size(sizes[i]))  # similar sizes share a batch: less padding
+        for start in range(0, len(small), options.batch_size):
+            chunk = small[start: start + options.batch_size]
+            batch, run_sizes = pad_batch([self._prepare(images[i]) for i in chunk], options.size_divisor)
             if single_view and all(run_sizes[j] == sizes[i] for j, i in enumerate(chunk)):
-                for i, logits in zip(chunk, crop_to_sizes(_logits(self.forward_model, batch, self.size_divisor),
+                for i, logits in zip(chunk, crop_to_sizes(_logits(self.forward_model, batch, options.size_divisor),
                                                           run_sizes)):
                     yield i, logits, True
                 continue
@@ -329,6 +324,6 @@ class Predictor:
 
 
 __all__ = [
-    "AUTOCAST_DTYPES", "FastForward", "IMAGENET_MEAN", "IMAGENET_STD", "Predictor", "crop_to_sizes", "normalize", "pad_batch",
+    "AUTOCAST_DTYPES", "FastForward", "FastPath", "InferenceOptions", "IMAGENET_MEAN", "IMAGENET_STD", "Predictor", "crop_to_sizes", "normalize", "pad_batch",
     "pad_to_multiple", "sliding_window_probs", "top_class_and_entropy", "tta_probs",
 ]

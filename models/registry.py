@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 ModelBuilder = Callable[..., "nn.Module"]
-BUILTIN_FAMILIES = ("deeplabv3", "fast", "fcn", "segnet", "unet")  # modules whose builders register on import
+BUILTIN_FAMILIES = ("deeplabv3", "fcn", "mobilenetv3", "segnet", "unet")  # architectures/ modules that register on import
 
 _BUILDERS: dict[str, ModelBuilder] = {}
 _PAPERS: dict[str, str] = {}
@@ -30,7 +30,7 @@ def register_model(name: str | None = None, *, paper: str = "") -> Callable[[Mod
 
 def _load_builtin_families() -> None:
     for family in BUILTIN_FAMILIES:
-        importlib.import_module(f"segmill.models.{family}")
+        importlib.import_module(f"segmill.models.architectures.{family}")
 
 
 def list_models() -> list[str]:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IGNORE_INDEX = 255  # label pixels with this value count for nothing (a class file may choose another)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ModelSpec:
     palette: tuple[tuple[int, int, int], ...] = ()
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    ignore_index: int = 255
+    ignore_index: int = DEFAULT_IGNORE_INDEX
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -86,4 +87,4 @@ def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(colours)
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "default_palette"]
+__all__ = ["DEFAULT_IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "default_palette"]

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmill.models.spec import DEFAULT_IGNORE_INDEX
+
 AUX_LOSS_WEIGHT = 0.5
 POLY_POWER = 0.9
 
 
 def segmentation_loss(
-    outputs: dict[str, torch.Tensor], target: torch.Tensor, *, ignore_index: int = 255, aux_weight: float = AUX_LOSS_WEIGHT,
+    outputs: dict[str, torch.Tensor], target: torch.Tensor, *, ignore_index: int = DEFAULT_IGNORE_INDEX, aux_weight: float = AUX_LOSS_WEIGHT,
     ohem_fraction: float | None = None,
 ) -> torch.Tensor:
     """Per-pixel cross-entropy on the logits at target size, plus the auxiliary head's loss when present.
@@ -35,7 +37,7 @@ def segmentation_loss(
 
 
 def hard_pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, fraction: float, *,
-                             ignore_index: int = 255) -> torch.Tensor:
+                             ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of the `fraction` of labelled pixels with the highest loss (at least one pixel)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"The hard-pixel fraction must lie in (0, 1], got {fraction}.")
@@ -67,7 +69,7 @@ def random_scale_crop_flip(
     *,
     generator: torch.Generator,
     scale_range: tuple[float, float] = (0.5, 2.0),
-    ignore_index: int = 255,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment one float image [3,H,W] and its mask [H,W]: random scale, pad (mask with ignore), crop, h-flip.
 
@@ -98,17 +100,21 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
-    ignore_index: int = 255,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     ohem_fraction: float | None = None,
 ) -> float:
-    """One SGD step; returns the loss. Raises if the loss is not finite, since training would be wasted."""
-    model.train()
+    """One SGD step on a model already in training mode; returns the loss.
+
+    The loss is read once (the step's one device synchronisation); a loss that is not finite raises before the
+    weights change, since training on would be wasted.
+    """
     loss = segmentation_loss(model(images), masks, ignore_index=ignore_index, ohem_fraction=ohem_fraction)
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"Training loss became {loss.item()}; lower the learning rate.")
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"Training loss became {value}; lower the learning rate.")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return loss.item()
+    return value

@@ -10,7 +10,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from segmill.models.options import PRECISIONS
+
 CPU_THREADS_PER_ACTOR = 4  # intra-op threads scale well up to about 4 on conv nets; more actors beyond that
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger images are usually decompression bombs or need tiling offline
 # Object-store memory the job's queued blocks may fill, per model actor. Ray Data's own limit (half the store)

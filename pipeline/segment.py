@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segmill.models.allocator import ONE_ARENA_ENV
+from segmill.models.options import FastPath, InferenceOptions
 from segmill.pipeline.config import SegmentConfig
 from segmill.pipeline.job_record import JobRecord, write_job_record
 from segmill.pipeline.listing import LISTING_SCHEMA, is_manifest, iter_image_batches
@@ -213,13 +214,18 @@ def _pipeline(config: SegmentConfig, plan: _Plan, resources, listing_path: str, 
                      max_restarts=2, max_task_retries=2,
                      **_model_process_env(resources),
                      fn_constructor_kwargs=dict(checkpoint=plan.model.checkpoint, use_gpu=use_gpu,
-                                                torch_threads=resources.torch_threads, batch_size=resources.batch_size,
-                                                scales=config.scales, flip=config.flip, tile_size=config.tile_size,
-                                                tile_threshold=config.tile_threshold, max_side=config.max_side,
-                                                low_confidence=config.low_confidence, precision=resources.precision,
-                                                channels_last=resources.channels_last, compile=resources.compile,
-                                                pin_memory=bool(resources.pin_memory),
-                                                fold_batchnorm=resources.fold_batchnorm,
+                                                torch_threads=resources.torch_threads,
+                                                options=InferenceOptions(scales=config.scales, flip=config.flip,
+                                                                         tile_size=config.tile_size,
+                                                                         tile_threshold=config.tile_threshold,
+                                                                         max_side=config.max_side,
+                                                                         batch_size=resources.batch_size),
+                                                fast=FastPath(precision=resources.precision,
+                                                              channels_last=resources.channels_last,
+                                                              compile=resources.compile,
+                                                              pin_memory=bool(resources.pin_memory),
+                                                              fold_batchnorm=resources.fold_batchnorm),
+                                                low_confidence=config.low_confidence,
                                                 keep_host_memory=resources.keep_host_memory))
         .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
                      compute=finishing_tasks, fn_kwargs=dict(num_classes=spec.num_classes))

@@ -15,7 +15,7 @@ import torch
 from segmill.models.allocator import FreedMemoryTrimmer, keep_freed_memory
 from segmill.models.checkpoint import load_checkpoint
 from segmill.models.metrics import confusion_matrix
-from segmill.models.predict import Predictor, top_class_and_entropy
+from segmill.models.predict import FastPath, InferenceOptions, Predictor, top_class_and_entropy
 from segmill.pipeline.results import ERROR, OK, mask_dtype
 from segmill.pipeline.storage import redact
 
@@ -23,11 +23,9 @@ from segmill.pipeline.storage import redact
 class Segmenter:
     """`__call__(batch) -> batch`: decoded rows in, rows with a raw mask and per-image statistics out."""
 
-    def __init__(self, checkpoint: bytes, *, use_gpu: bool, torch_threads: int, batch_size: int,
-                 scales: tuple[float, ...] = (1.0,), flip: bool = False, tile_size: int = 512,
-                 tile_threshold: int = 2048 * 2048, max_side: int | None = None, low_confidence: float = 0.5,
-                 precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                 pin_memory: bool = False, fold_batchnorm: bool = False, keep_host_memory: bool = False):
+    def __init__(self, checkpoint: bytes, *, use_gpu: bool, torch_threads: int,
+                 options: InferenceOptions = InferenceOptions(), fast: FastPath = FastPath(),
+                 low_confidence: float = 0.5, keep_host_memory: bool = False):
         torch.set_num_threads(max(1, torch_threads))
         self.trim_freed_memory = FreedMemoryTrimmer() if keep_host_memory and keep_freed_memory() else None
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -36,11 +34,8 @@ class Segmenter:
         self.num_classes = self.spec.num_classes
         self.mask_dtype = mask_dtype(self.num_classes)
         self.low_confidence = low_confidence
-        self.predictor = Predictor(model, mean=self.spec.mean, std=self.spec.std, device=device, scales=scales,
-                                   flip=flip, tile_size=tile_size, tile_threshold=tile_threshold,
-                                   max_side=max_side, batch_size=batch_size, precision=precision,
-                                   channels_last=channels_last, compile=compile, pin_memory=pin_memory,
-                                   fold_batchnorm=fold_batchnorm)
+        self.predictor = Predictor(model, mean=self.spec.mean, std=self.spec.std, device=device, options=options,
+                                   fast=fast)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, k = len(batch["image_uri"]), self.num_classes
@@ -71,9 +66,9 @@ class Segmenter:
     def _buckets(self, batch, indices: list[int]) -> list[list[int]]:
         """Images that pad to the same forward size. Padded to a larger neighbour's size, an image's mask changes
         near its bottom and right edges (the model sees the padding), so a mask would depend on its batch."""
-        divisor, buckets = self.predictor.size_divisor, {}
+        divisor, buckets = self.predictor.options.size_divisor, {}
         for i in indices:
-            h, w = self.predictor._forward_size((int(batch["height"][i]), int(batch["width"][i])))
+            h, w = self.predictor.forward_size((int(batch["height"][i]), int(batch["width"][i])))
             buckets.setdefault((-(-h // divisor), -(-w // divisor)), []).append(i)
         return list(buckets.values())
 

@@ -16,8 +16,8 @@ from segmill.models.metrics import (
     confusion_matrix,
     intersection_and_union,
     iou_from_counts,
-    per_image_confusion,
 )
+from segmill.models import iou as numpy_iou
 
 DSB2018 = Path(__file__).parents[2].parent / "shared/datasets/dsb2018"
 IGNORE = 255
@@ -105,39 +105,18 @@ def test_dataset_level_sums_matrices_not_means() -> None:
     assert dataset.mean_iou != pytest.approx(np.mean(per_image))
 
 
-def test_accumulator_merge_equals_single_pass() -> None:
-    rng = np.random.default_rng(1)
-    pairs = [random_pair(rng, (int(rng.integers(5, 40)), int(rng.integers(5, 40))), 5) for _ in range(8)]
-    single, first, second = ConfusionAccumulator(5), ConfusionAccumulator(5), ConfusionAccumulator(5)
-    for i, (pred, target) in enumerate(pairs):
-        single.update(pred, target)
-        (first if i % 2 else second).update(torch.from_numpy(pred), torch.from_numpy(target))
-    merged = first.merge(second)
-    assert torch.equal(merged.confusion, single.confusion)
-    np.testing.assert_array_equal(merged.compute().iou.numpy(), single.compute().iou.numpy())
-    with pytest.raises(ValueError, match="cannot merge"):
-        single.merge(ConfusionAccumulator(4))
-
-
-def test_per_image_confusion_matches_per_image_matrices() -> None:
+def test_summed_per_image_counts_give_the_dataset_iou() -> None:
     rng = np.random.default_rng(2)
-    pred, target = (torch.from_numpy(a) for a in random_pair(rng, (4, 33, 29), 7))
-    batched = per_image_confusion(pred, target, 7)
-    assert batched.shape == (4, 7, 7)
-    for i in range(4):
-        assert torch.equal(batched[i], confusion_matrix(pred[i], target[i], 7))
-    # valid_mask excludes a padded region exactly like ignore pixels there would.
-    valid = torch.ones_like(target, dtype=torch.bool)
-    valid[:, 20:, :] = False
-    masked_target = target.clone()
-    masked_target[:, 20:, :] = IGNORE
-    assert torch.equal(per_image_confusion(pred, target, 7, valid_mask=valid),
-                       per_image_confusion(pred, masked_target, 7))
-    # Summed per-image counts give the dataset IoU.
-    inter, union = intersection_and_union(batched)
+    pairs = [random_pair(rng, (int(rng.integers(5, 40)), int(rng.integers(5, 40))), 7) for _ in range(6)]
     acc = ConfusionAccumulator(7)
-    acc.add_confusion(batched)
-    np.testing.assert_array_equal(iou_from_counts(inter.sum(0), union.sum(0)).numpy(), acc.compute().iou.numpy())
+    inter, union = torch.zeros(7, dtype=torch.int64), torch.zeros(7, dtype=torch.int64)
+    for pred, target in pairs:
+        acc.update(pred, target)
+        i, u = intersection_and_union(confusion_matrix(pred, target, 7))
+        inter, union = inter + i, union + u
+    np.testing.assert_array_equal(iou_from_counts(inter, union).numpy(), acc.compute().iou.numpy())
+    numpy_inter, numpy_union = inter.numpy(), union.numpy()
+    assert numpy_iou.mean_iou(numpy_inter, numpy_union) == pytest.approx(acc.compute().mean_iou, rel=1e-12)
 
 
 def test_iou_from_counts_numpy_and_torch() -> None:
@@ -155,7 +134,7 @@ def test_invalid_values_raise() -> None:
     with pytest.raises(ValueError, match=r"target holds values \[7, 9\]"):
         confusion_matrix(torch.zeros(5, dtype=torch.long), target, 3)
     with pytest.raises(ValueError, match=r"target holds values \[-1\]"):
-        per_image_confusion(torch.zeros(1, 1, 2), torch.tensor([[[0, -1]]]), 3)
+        confusion_matrix(torch.zeros(1, 1, 2), torch.tensor([[[0, -1]]]), 3)
     with pytest.raises(ValueError, match="pred holds class ids"):
         confusion_matrix(torch.tensor([0, 5]), torch.tensor([0, 1]), 3)
     with pytest.raises(ValueError, match="differs from target shape"):
@@ -166,9 +145,9 @@ def test_invalid_values_raise() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     pred, target = (torch.from_numpy(a) for a in random_pair(np.random.default_rng(3), (2, 64, 64), 5))
-    on_gpu = per_image_confusion(pred.cuda(), target.cuda(), 5)
+    on_gpu = confusion_matrix(pred.cuda(), target.cuda(), 5)
     assert on_gpu.is_cuda
-    assert torch.equal(on_gpu.cpu(), per_image_confusion(pred, target, 5))
+    assert torch.equal(on_gpu.cpu(), confusion_matrix(pred, target, 5))
 
 
 def test_real_dsb2018_masks_match_sklearn() -> None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmill.models.predict import (
+    InferenceOptions,
     IMAGENET_MEAN,
     Predictor,
     crop_to_sizes,
@@ -92,7 +93,7 @@ def test_pad_to_multiple_and_pad_batch_round_trip() -> None:
 
 @pytest.mark.parametrize("size", [(65, 97), (1, 1), (31, 200), (32, 32)])
 def test_masks_come_back_at_original_size(size: tuple[int, int]) -> None:
-    predictor = Predictor(StridedModel(), device="cpu", size_divisor=32)
+    predictor = Predictor(StridedModel(), device="cpu", options=InferenceOptions(size_divisor=32))
     image = random_image(*size)
     (mask,) = predictor.predict([image])
     assert mask.shape == size and mask.dtype == torch.uint8
@@ -104,15 +105,15 @@ def test_masks_come_back_at_original_size(size: tuple[int, int]) -> None:
 
 def test_predictor_runs_in_eval_and_inference_mode() -> None:
     model = StridedModel().train()
-    predictor = Predictor(model, device="cpu", size_divisor=4)
+    predictor = Predictor(model, device="cpu", options=InferenceOptions(size_divisor=4))
     predictor.predict([random_image(8, 8)])
     assert not model.training and model.inference_flags == [True]
 
 
 def test_batching_different_sizes_matches_one_at_a_time() -> None:
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate([(65, 97), (31, 200), (1, 1), (40, 40)])]
-    together = Predictor(PixelModel(), device="cpu", batch_size=8).predict_probs(images)
-    alone = Predictor(PixelModel(), device="cpu", batch_size=1).predict_probs(images)
+    together = Predictor(PixelModel(), device="cpu", options=InferenceOptions(batch_size=8)).predict_probs(images)
+    alone = Predictor(PixelModel(), device="cpu", options=InferenceOptions(batch_size=1)).predict_probs(images)
     for a, b, im in zip(together, alone, images):
         assert a.shape == (NUM_CLASSES, *im.shape[:2])
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -120,12 +121,12 @@ def test_batching_different_sizes_matches_one_at_a_time() -> None:
 
 def test_flip_tta_with_flip_equivariant_model_changes_nothing() -> None:
     image = random_image(37, 53)
-    plain = Predictor(StridedModel(symmetric=True), device="cpu", size_divisor=4).predict_probs(image)[0]
-    flipped = Predictor(StridedModel(symmetric=True), device="cpu", size_divisor=4, flip=True).predict_probs(image)[0]
+    plain = Predictor(StridedModel(symmetric=True), device="cpu", options=InferenceOptions(size_divisor=4)).predict_probs(image)[0]
+    flipped = Predictor(StridedModel(symmetric=True), device="cpu", options=InferenceOptions(size_divisor=4, flip=True)).predict_probs(image)[0]
     torch.testing.assert_close(plain, flipped, rtol=0, atol=1e-5)
     # The check has teeth: with an asymmetric model the flip does change the result.
-    asym = Predictor(StridedModel(), device="cpu", size_divisor=4, flip=True).predict_probs(image)[0]
-    assert not torch.allclose(Predictor(StridedModel(), device="cpu", size_divisor=4).predict_probs(image)[0], asym)
+    asym = Predictor(StridedModel(), device="cpu", options=InferenceOptions(size_divisor=4, flip=True)).predict_probs(image)[0]
+    assert not torch.allclose(Predictor(StridedModel(), device="cpu", options=InferenceOptions(size_divisor=4)).predict_probs(image)[0], asym)
 
 
 def test_multi_scale_averages_single_scale_probabilities() -> None:
@@ -154,7 +155,7 @@ def test_sliding_window_equals_full_image_for_per_pixel_model(size: tuple[int, i
 def test_predictor_tiles_large_images_automatically() -> None:
     image = random_image(150, 170)
     model = PixelModel()
-    tiled = Predictor(model, device="cpu", tile_size=64, tile_threshold=100 * 100).predict_probs(image)[0]
+    tiled = Predictor(model, device="cpu", options=InferenceOptions(tile_size=64, tile_threshold=100 * 100)).predict_probs(image)[0]
     assert {shape[-2:] for shape in model.shapes} == {(64, 64)}
     whole = Predictor(PixelModel(), device="cpu").predict_probs(image)[0]
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
@@ -162,7 +163,7 @@ def test_predictor_tiles_large_images_automatically() -> None:
 
 def test_max_side_downscales_the_forward_but_not_the_mask() -> None:
     model = PixelModel()
-    predictor = Predictor(model, device="cpu", size_divisor=8, max_side=32)
+    predictor = Predictor(model, device="cpu", options=InferenceOptions(size_divisor=8, max_side=32))
     image = random_image(65, 97)
     (mask,) = predictor.predict(image)
     assert mask.shape == (65, 97)
@@ -189,7 +190,7 @@ def test_top_class_and_entropy_from_logits_equal_those_of_the_softmax() -> None:
 
 def test_scores_are_logits_only_for_one_view_at_the_image_size() -> None:
     images = [random_image(20, 24), random_image(13, 9)]
-    plain = Predictor(PixelModel(), device="cpu", size_divisor=8)
+    plain = Predictor(PixelModel(), device="cpu", options=InferenceOptions(size_divisor=8))
     with torch.inference_mode():
         found = {i: (scores, are_logits) for i, scores, are_logits in plain.iter_scores(images)}
         probs = dict(plain.iter_probs(images))
@@ -197,7 +198,7 @@ def test_scores_are_logits_only_for_one_view_at_the_image_size() -> None:
         for i in (0, 1):
             torch.testing.assert_close(found[i][0].softmax(0), probs[i])
         for changed in (dict(flip=True), dict(scales=(0.5, 1.0)), dict(max_side=16), dict(tile_threshold=100)):
-            predictor = Predictor(PixelModel(), device="cpu", size_divisor=8, tile_size=16, **changed)
+            predictor = Predictor(PixelModel(), device="cpu", options=InferenceOptions(size_divisor=8, tile_size=16, **changed))
             flags = [are_logits for _, _, are_logits in predictor.iter_scores(images)]
             assert not any(flags), changed
             masks = predictor.predict(images)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from segmill.models.checkpoint import load_checkpoint
+from segmill.models.options import FastPath, InferenceOptions
 from segmill.models.predict import Predictor
 from segmill.pipeline.bench_data import make_checkpoint
 from segmill.pipeline.config import ResourceConfig
@@ -46,7 +47,8 @@ def _case(name: str, dsb2018: Path) -> list[np.ndarray]:
 
 def _masks(checkpoint: str, images, device: str = "cpu", **fast) -> list[torch.Tensor]:
     model, spec = load_checkpoint(checkpoint, map_location=device)
-    predictor = Predictor(model, mean=spec.mean, std=spec.std, device=device, batch_size=2, **fast)
+    predictor = Predictor(model, mean=spec.mean, std=spec.std, device=device, options=InferenceOptions(batch_size=2),
+                          fast=FastPath(**fast))
     return [m.cpu() for m in predictor.predict(images)]
 
 
@@ -119,8 +121,8 @@ def test_jpegs_decoded_in_the_model_actor_give_the_same_masks(checkpoints, dsb20
     encoded, pixels = _decoded(tmp_path, files, True), _decoded(tmp_path, files, False)
     assert [len(b) > 0 for b in encoded["jpeg"]] == [True, True, True, False, False]
     assert list(encoded["height"]) == list(pixels["height"]) and list(encoded["width"]) == list(pixels["width"])
-    segmenter = Segmenter(Path(checkpoints["lraspp"]).read_bytes(), use_gpu=False, torch_threads=1, batch_size=4,
-                          channels_last=True)
+    segmenter = Segmenter(Path(checkpoints["lraspp"]).read_bytes(), use_gpu=False, torch_threads=1,
+                          options=InferenceOptions(batch_size=4), fast=FastPath(channels_last=True))
     a, b = segmenter(encoded), segmenter(pixels)
     assert list(a["status"]) == [OK] * 5
     same = sum(int((np.frombuffer(x, np.uint8) == np.frombuffer(y, np.uint8)).sum()) for x, y in zip(a["mask"], b["mask"]))
@@ -154,8 +156,8 @@ def test_gpu_jpeg_decoding_in_the_segmenter(checkpoints, dsb2018, tmp_path) -> N
     images = _images(dsb2018, n=3)
     files = {f"{i}.jpg": _jpeg(im) for i, im in enumerate(images)}
     encoded, pixels = _decoded(tmp_path, files, True), _decoded(tmp_path, files, False)
-    segmenter = Segmenter(Path(checkpoints["lraspp"]).read_bytes(), use_gpu=True, torch_threads=1, batch_size=4,
-                          channels_last=True, pin_memory=True)
+    segmenter = Segmenter(Path(checkpoints["lraspp"]).read_bytes(), use_gpu=True, torch_threads=1,
+                          options=InferenceOptions(batch_size=4), fast=FastPath(channels_last=True, pin_memory=True))
     a, b = segmenter(encoded), segmenter(pixels)
     assert list(a["status"]) == [OK] * 3
     same = sum(int((np.frombuffer(x, np.uint8) == np.frombuffer(y, np.uint8)).sum()) for x, y in zip(a["mask"], b["mask"]))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from segmill.models.checkpoint import load_checkpoint
 from segmill.models.metrics import ConfusionAccumulator, SegmentationMetrics, confusion_matrix
+from segmill.models.options import InferenceOptions
 from segmill.models.predict import Predictor
 from segmill.pipeline import SegmentConfig, segment
 from segmill.pipeline.decode import decode_image
@@ -330,7 +331,7 @@ def test_a_mask_does_not_depend_on_its_batch(tiny_checkpoint: str) -> None:
              "error": np.array([""] * n, dtype=object), "label": np.array([b""] * n, dtype=object),
              "height": np.array([im.shape[0] for im in images]), "width": np.array([im.shape[1] for im in images]),
              "pixels": np.array([im.tobytes() for im in images], dtype=object)}
-    segmenter = Segmenter(Path(tiny_checkpoint).read_bytes(), use_gpu=False, torch_threads=1, batch_size=n)
+    segmenter = Segmenter(Path(tiny_checkpoint).read_bytes(), use_gpu=False, torch_threads=1, options=InferenceOptions(batch_size=n))
     together = segmenter(batch)
     for i in range(n):
         alone = segmenter({k: v[i: i + 1] for k, v in batch.items()})

@@ -8,6 +8,7 @@ import pytest
 
 from segmill.pipeline.results import ERROR, OK, build_table
 from segmill.pipeline.scenes import SCENE_CLASSES, render_scene
+from segmill.models.options import InferenceOptions
 from segmill.pipeline.segmenter import Segmenter
 from segmill.pipeline.stages import encode_masks
 
@@ -23,7 +24,7 @@ def _batch(uris: list[str]) -> dict[str, np.ndarray]:
 
 
 def test_a_failing_image_becomes_one_error_row_and_the_rest_are_segmented(tiny_checkpoint: str, monkeypatch) -> None:
-    segmenter = Segmenter(Path(tiny_checkpoint).read_bytes(), use_gpu=False, torch_threads=1, batch_size=8)
+    segmenter = Segmenter(Path(tiny_checkpoint).read_bytes(), use_gpu=False, torch_threads=1, options=InferenceOptions(batch_size=8))
     original = Segmenter._segment_bucket
 
     def fail_on_poison(self, batch, indices, *args):
@@ -44,7 +45,8 @@ def test_a_failing_image_becomes_one_error_row_and_the_rest_are_segmented(tiny_c
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_statistics_describe_the_probabilities(tiny_checkpoint: str, flip: bool) -> None:
-    segmenter = Segmenter(Path(tiny_checkpoint).read_bytes(), use_gpu=False, torch_threads=1, batch_size=2, flip=flip)
+    segmenter = Segmenter(Path(tiny_checkpoint).read_bytes(), use_gpu=False, torch_threads=1,
+                          options=InferenceOptions(batch_size=2, flip=flip))
     out = segmenter(_batch(["a.png", "b.png"]))
     assert np.all((out["confidence_mean"] > 1 / len(SCENE_CLASSES)) & (out["confidence_mean"] <= 1))
     assert np.all((out["entropy_mean"] >= 0) & (out["entropy_mean"] <= np.log(len(SCENE_CLASSES)) + 1e-6))

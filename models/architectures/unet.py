@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from segmill.models.backbones import load_backbone_weights
+from segmill.models.architectures.backbones import load_backbone_weights
 from segmill.models.registry import register_model
 
 _PAPER = "Ronneberger, Fischer, Brox. U-Net: Convolutional Networks for Biomedical Image Segmentation. MICCAI 2015."

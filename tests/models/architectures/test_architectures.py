@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from segmill.models import get_model
-from segmill.models.deeplabv3 import ImagePooling
-from segmill.models.fcn import bilinear_kernel, bilinear_upsampler
+from segmill.models.architectures.deeplabv3 import ImagePooling
+from segmill.models.architectures.fcn import bilinear_kernel, bilinear_upsampler
 
 # ---------------------------------------------------------------- FCN on VGG16
 

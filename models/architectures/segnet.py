@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Size, Tensor, nn
 from torchvision.models import VGG16_BN_Weights
 
-from segmill.models.backbones import load_backbone_weights, vgg16_features
+from segmill.models.architectures.backbones import load_backbone_weights, vgg16_features
 from segmill.models.registry import register_model
 
 _PAPER = (
