@@ -6,7 +6,7 @@ STAMP := $(VENV)/.segmill-installed
 STATE ?= .segmill
 PYTEST_ARGS ?=
 
-.PHONY: run test test-gpu bench experiment venv clean
+.PHONY: run test test-slow test-gpu bench experiment venv clean
 
 venv: $(STAMP)
 
@@ -24,21 +24,25 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
+# Long-running checks left out of `make test` (marked `slow`).
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
 # On a machine with CUDA: the device-only checks (they are skipped, not run, by `make test`).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)
 
 # Throughput: segmill against a bare loop, a tuned DataLoader and Ray's documented pattern (a few minutes on
-# 2 cores; options: `$(PY) -m segmill.jobs.bench --help`, e.g. BENCH_ARGS="--synthetic 1000,10000").
+# 2 cores; options: `$(PY) -m bench.throughput --help`, e.g. BENCH_ARGS="--synthetic 1000,10000").
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m segmill.jobs.bench $(BENCH_ARGS)
+	$(PY) -m bench.throughput $(BENCH_ARGS)
 
 # Hard-class bootstrapping measured: the same U-Net trained without and with it through the retraining job,
 # per-class IoU side by side on held-out scenes (about 10 minutes on 2 cores; options: --help).
 EXPERIMENT_ARGS ?=
 experiment: $(STAMP)
-	$(PY) -m segmill.jobs.bootstrap_experiment $(EXPERIMENT_ARGS)
+	$(PY) -m bench.bootstrap_experiment $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(STATE) .pytest_cache

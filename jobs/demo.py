@@ -12,17 +12,24 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
-from segmill.jobs.query import connect, dataset_iou_sql
+from segmill.jobs.query import connect
 from segmill.models.checkpoint import ModelSpec, save_checkpoint
+from segmill.models.iou import nanmean
 from segmill.models.metrics import ConfusionAccumulator
 from segmill.models.predict import Predictor, normalize
 from segmill.models.training import random_scale_crop_flip, sgd_with_poly, train_step
-from segmill.pipeline import SegmentConfig, segment
-from segmill.pipeline.scenes import SCENE_CLASSES, SCENE_PALETTE, render_scene, write_scenes
+from segmill.pipeline.bulk.config import SegmentConfig
+from segmill.pipeline.bulk.job import segment
+from segmill.pipeline.bulk.results import dataset_iou
+from segmill.pipeline.common.scenes import (
+    SCENE_CLASSES,
+    SCENE_PALETTE,
+    render_scene,
+    write_scenes,
+)
 
 log = logging.getLogger(__name__)
 DEMO_ARCH_KWARGS = {"base_channels": 16, "depth": 3}
@@ -88,10 +95,11 @@ def _summarise(record, results: Path, console: Console) -> None:
     con = connect(str(results))
     for uri, error in con.sql("SELECT image_uri, error FROM results WHERE status = 'error'").fetchall():
         console.print(f"  error row: {error}")
-    iou = con.sql(dataset_iou_sql(SCENE_CLASSES)).fetchall()[0]
-    per_class = ", ".join(f"{c} {v:.3f}" for c, v in zip(SCENE_CLASSES, iou[:-1]) if v is not None)
-    valid = [v for v in iou[:-1] if v is not None]
-    console.print(f"dataset IoU from the table: {per_class}; mIoU {np.mean(valid):.3f}; pixel accuracy {iou[-1]:.3f}")
+    iou = dataset_iou(str(results), SCENE_CLASSES)
+    per_class = ", ".join(f"{c} {v:.3f}" for c, v in iou.items() if v == v)  # v != v: NaN, the class never seen
+    accuracy = con.sql("SELECT sum(correct_pixels) / sum(labelled_pixels) FROM results").fetchall()[0][0]
+    console.print(f"dataset IoU from the table: {per_class}; mIoU {nanmean(list(iou.values())):.3f}; "
+                  f"pixel accuracy {accuracy:.3f}")
     example = "SELECT image_uri, round(miou, 3) AS miou, round(class_fraction.vehicle, 3) AS vehicle FROM results " \
               "WHERE status = 'ok' ORDER BY miou LIMIT 3"
     console.print(f"\nResults: {results}/part-*.parquet (overlays in {results}/png/overlays). Example query:")

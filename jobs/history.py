@@ -10,7 +10,7 @@ dataset, so DuckDB reads it directly: `SELECT * FROM read_parquet('.segmill/hist
 from __future__ import annotations
 
 import json
-import os
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,10 +20,15 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segmill.pipeline.storage import join_uri, open_fs, protocol_of, redact, redact_values
+from segmill.pipeline.common import settings
+from segmill.pipeline.common.storage import (
+    join_uri,
+    open_fs,
+    protocol_of,
+    redact,
+    redact_values,
+)
 
-HISTORY_ENV = "SEGMILL_HISTORY"
-DEFAULT_HISTORY = ".segmill/history"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EVENT_SCHEMA = pa.schema([
     ("job_id", pa.string()), ("event", pa.string()), ("kind", pa.string()), ("status", pa.string()),
@@ -47,11 +52,15 @@ FROM history GROUP BY job_id
 
 def history_location(location: str | None = None) -> str:
     """The history folder: the given one, else $SEGMILL_HISTORY, else `.segmill/history`."""
-    return location or os.environ.get(HISTORY_ENV) or DEFAULT_HISTORY
+    return settings.history_location(location)
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def new_job_id(kind: str) -> str:
+    return f"{kind}-{now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
@@ -126,3 +135,11 @@ def job_state(job_id: str, location: str | None = None, *, endpoint_url: str | N
     con = connect_history(location, endpoint_url=endpoint_url)
     rows = con.sql("SELECT * FROM jobs WHERE job_id = $id", params={"id": job_id}).to_arrow_table().to_pylist()
     return rows[0] if rows else None
+
+
+def query_history(sql: str, location: str | None = None, *, endpoint_url: str | None = None) -> duckdb.DuckDBPyRelation:
+    """`sql` over the views `jobs` and `history`; a DuckDB error becomes one ValueError sentence."""
+    try:
+        return connect_history(location, endpoint_url=endpoint_url).sql(sql)
+    except duckdb.Error as exc:
+        raise ValueError(f"Reading the job history failed: {(str(exc).splitlines() or [''])[0]}") from None

@@ -1,23 +1,28 @@
-"""SQL over a results table with DuckDB; object storage goes through segmill's own filesystem layer.
+"""SQL over a results table with DuckDB, and ready answers: named SQL that users can print (`--show-sql`), reuse
+and edit.
 
-The table is registered as the view `results`, so `SELECT ... FROM results` works for any location.
+The table is registered as the view `results`, so `SELECT ... FROM results` works for any location; object
+storage goes through segmill's own filesystem layer. Class names come from the fields of the table's
+`class_fraction` struct, so the same SQL works for any model.
 """
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 import duckdb
 import pyarrow as pa
 
-from segmill.pipeline.storage import join_uri, open_fs, protocol_of, redact
+from segmill.pipeline.common.storage import join_uri, open_fs, protocol_of, redact
 
 OUTPUT_FORMATS = (".csv", ".json", ".parquet")
 
 
 def connect(results: str, *, endpoint_url: str | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with `results` as a view over the committed part files (no extension downloads)."""
-    from segmill.pipeline.results import committed_parts
+    from segmill.pipeline.bulk.results import committed_parts
 
     try:
         found = committed_parts(results, endpoint_url)
@@ -32,14 +37,6 @@ def connect(results: str, *, endpoint_url: str | None = None) -> duckdb.DuckDBPy
     pattern = join_uri(results, "part-*.parquet").replace("'", "''")
     con.execute(f"CREATE VIEW results AS SELECT * FROM read_parquet('{pattern}')")
     return con
-
-
-def dataset_iou_sql(classes: tuple[str, ...]) -> str:
-    """Exact dataset per-class IoU and mIoU from the stored counts (summed, never averaged per image)."""
-    per_class = ", ".join(
-        f'sum(intersection."{c}") / nullif(sum("union"."{c}"), 0) AS "{c}"' for c in classes
-    )
-    return f"SELECT {per_class}, sum(correct_pixels) / sum(labelled_pixels) AS pixel_accuracy FROM results"
 
 
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
@@ -80,3 +77,103 @@ def _json_default(value: object) -> object:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     return str(value)
+
+
+# ---- ready answers
+
+def ident(name: str) -> str:
+    """A quoted SQL identifier (class names may hold spaces or quotes)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def table_classes(con: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
+    """The class names of the table, from the fields of its `class_fraction` struct."""
+    kind = con.sql("SELECT class_fraction FROM results LIMIT 0").types[0]
+    return tuple(name for name, _ in kind.children)
+
+
+def iou_sql(classes: tuple[str, ...]) -> str:
+    """Exact dataset IoU per class from the summed counts, then mIoU over the classes with a defined IoU."""
+    per_class = "\n  UNION ALL ".join(
+        f"SELECT {i} AS ord, {literal(c)} AS class, sum(intersection.{ident(c)}) AS intersection, "
+        f'sum("union".{ident(c)}) AS "union" FROM results WHERE status = \'ok\'' for i, c in enumerate(classes))
+    return (f"WITH per_class AS (\n  {per_class}\n),\n"
+            'scored AS (SELECT *, intersection / nullif("union", 0) AS iou FROM per_class)\n'
+            'SELECT class, intersection, "union", iou FROM (\n'
+            '  SELECT * FROM scored\n'
+            f"  UNION ALL SELECT {len(classes)}, 'mIoU', NULL, NULL, avg(iou) FROM scored\n"
+            ") ORDER BY ord")
+
+
+def least_confident_sql(n: int) -> str:
+    return ("SELECT image_uri, confidence_mean, low_confidence_fraction, entropy_mean FROM results\n"
+            f"WHERE status = 'ok' ORDER BY confidence_mean ASC, image_uri LIMIT {int(n)}")
+
+
+def class_above_sql(class_name: str, fraction: float, n: int | None) -> str:
+    limit = f" LIMIT {int(n)}" if n else ""
+    return (f"SELECT image_uri, class_fraction.{ident(class_name)} AS fraction FROM results\n"
+            f"WHERE status = 'ok' AND class_fraction.{ident(class_name)} > {float(fraction)!r}\n"
+            f"ORDER BY fraction DESC, image_uri{limit}")
+
+
+def errors_sql(n: int | None) -> str:
+    limit = f" LIMIT {int(n)}" if n else ""
+    return f"SELECT image_uri, label_uri, error FROM results WHERE status = 'error' ORDER BY image_uri{limit}"
+
+
+def class_distribution_sql(classes: tuple[str, ...]) -> str:
+    """Predicted pixels per class over the job, their share, and in how many images each class appears."""
+    rows = "\n  UNION ALL ".join(
+        f"SELECT {i} AS ord, {literal(c)} AS class, sum(class_pixels.{ident(c)}) AS pixels, "
+        f"count(*) FILTER (WHERE class_pixels.{ident(c)} > 0) AS images FROM results WHERE status = 'ok'"
+        for i, c in enumerate(classes))
+    return (f"WITH per_class AS (\n  {rows}\n)\n"
+            "SELECT class, pixels, pixels / nullif(sum(pixels) OVER (), 0) AS pixel_share, images\n"
+            "FROM per_class ORDER BY ord")
+
+
+@dataclass(frozen=True)
+class Answer:
+    name: str
+    help: str
+    build: Callable[..., str]
+
+
+ANSWERS = {
+    "iou": Answer("iou", "dataset IoU per class and mIoU from the summed counts (needs a job run with labels)",
+                  lambda classes, **_: iou_sql(classes)),
+    "least-confident": Answer("least-confident", "the N images with the lowest mean confidence",
+                              lambda classes, n=None, **_: least_confident_sql(n or 10)),
+    "class-above": Answer("class-above", "images where --class covers more than --fraction of the pixels",
+                          lambda classes, n=None, class_name=None, fraction=None, **_:
+                          class_above_sql(_known(class_name, classes), _fraction(fraction), n)),
+    "errors": Answer("errors", "error rows with their reasons", lambda classes, n=None, **_: errors_sql(n)),
+    "class-distribution": Answer("class-distribution", "predicted pixels and images per class",
+                                 lambda classes, **_: class_distribution_sql(classes)),
+}
+
+
+def _known(class_name: str | None, classes: tuple[str, ...]) -> str:
+    if class_name is None:
+        raise ValueError("The class-above answer needs --class NAME (and --fraction X).")
+    if class_name not in classes:
+        raise ValueError(f"Class {class_name!r} is not in the results table; its classes are {', '.join(classes)}.")
+    return class_name
+
+
+def _fraction(fraction: float | None) -> float:
+    if fraction is None or not 0 <= fraction < 1:
+        raise ValueError(f"The class-above answer needs --fraction between 0 and 1, not {fraction}.")
+    return fraction
+
+
+def answer_sql(con: duckdb.DuckDBPyConnection, name: str, **options) -> str:
+    """The SQL of answer `name` for the table behind `con`."""
+    if name not in ANSWERS:
+        raise ValueError(f"Answer {name!r} is not known; choose one of {', '.join(ANSWERS)}.")
+    return ANSWERS[name].build(table_classes(con), **options)

@@ -6,24 +6,22 @@ over the same image (label pixels outside the classes, e.g. 255 = ignore, are da
 """
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
-from PIL import Image
 
-from segmill.jobs.answers import literal, table_classes
-from segmill.jobs.query import connect
-from segmill.pipeline.storage import open_fs, redact
+from segmill.jobs.query import connect, literal, table_classes
+from segmill.pipeline.common.images import decode_png, encode_png, overlay
+from segmill.pipeline.common.storage import open_fs, redact
 
 log = logging.getLogger(__name__)
 
 
 def job_palette(results: str, classes: tuple[str, ...], *, endpoint_url: str | None = None) -> tuple[tuple[int, int, int], ...]:
     """The palette of the model that made the table; the default palette when that model cannot be read."""
-    from segmill.models.checkpoint import default_palette
-    from segmill.pipeline.job_record import read_job_record
-    from segmill.pipeline.model_source import resolve_model
+    from segmill.models.spec import default_palette
+    from segmill.pipeline.bulk.record import read_job_record
+    from segmill.pipeline.common.model_source import resolve_model
 
     try:
         spec = read_job_record(results, endpoint_url)["spec"]
@@ -39,9 +37,7 @@ def job_palette(results: str, classes: tuple[str, ...], *, endpoint_url: str | N
 def render(results: str, image_uri: str, *, endpoint_url: str | None = None,
            palette: tuple[tuple[int, int, int], ...] | None = None) -> np.ndarray:
     """HxW(x2 with a label)x3 uint8: the mask over the image, and the ground truth over it beside."""
-    from segmill.pipeline.decode import decode_image, read_bytes
-    from segmill.pipeline.export import overlay
-    from segmill.pipeline.results import decode_mask_png
+    from segmill.pipeline.common.decode import decode_image, read_bytes
 
     con = connect(results, endpoint_url=endpoint_url)
     rows = con.sql(f"SELECT status, error, mask, label_uri FROM results WHERE image_uri = {literal(image_uri)} "
@@ -53,14 +49,14 @@ def render(results: str, image_uri: str, *, endpoint_url: str | None = None,
         raise ValueError(f"Image {redact(image_uri)} has no mask: its row is an error ({error}).")
     classes = table_classes(con)
     palette = palette or job_palette(results, classes, endpoint_url=endpoint_url)
-    mask = decode_mask_png(mask_png)
+    mask = decode_png(mask_png)
     image = decode_image(read_bytes(image_uri, endpoint_url), image_uri, max_pixels=mask.size + 1)
     if image.shape[:2] != mask.shape:
         raise ValueError(f"Image {redact(image_uri)} is {image.shape[1]}x{image.shape[0]} now but its mask is "
                          f"{mask.shape[1]}x{mask.shape[0]}; the image changed since the job ran.")
     panels = [overlay(image, mask, palette)]
     if label_uri:
-        label = np.asarray(Image.open(io.BytesIO(read_bytes(label_uri, endpoint_url, what="Label"))))
+        label = decode_png(read_bytes(label_uri, endpoint_url, what="Label"))
         if label.shape != mask.shape:
             raise ValueError(f"Label {redact(label_uri)} is not the size of its image {redact(image_uri)}.")
         label = np.where(label < len(palette), label, len(palette)).astype(np.int64)  # ignore pixels: black
@@ -69,9 +65,7 @@ def render(results: str, image_uri: str, *, endpoint_url: str | None = None,
 
 
 def write_png(picture: np.ndarray, output: str, *, endpoint_url: str | None = None) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG")
     fs, path = open_fs(output, endpoint_url=endpoint_url)
     with fs.open(path, "wb") as f:
-        f.write(buffer.getvalue())
+        f.write(encode_png(picture))
     return output

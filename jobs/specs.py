@@ -12,15 +12,16 @@ submits it to a Ray cluster, and writes what happened to the job history.
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from segmill.jobs import history
-from segmill.pipeline.config import SegmentConfig, read_spec_file
-from segmill.pipeline.evaluate import EvaluateConfig
-from segmill.pipeline.storage import join_uri, open_fs, redact
-from segmill.pipeline.train_config import TrainConfig
+from segmill.jobs import history, submit
+from segmill.pipeline.bulk.config import SegmentConfig
+from segmill.pipeline.bulk.evaluate import EvaluateConfig
+from segmill.pipeline.common import settings
+from segmill.pipeline.common.config import read_spec_file
+from segmill.pipeline.common.storage import check_listable, check_writable, first_line
+from segmill.pipeline.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 KINDS: dict[str, type] = {"segment": SegmentConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
@@ -51,10 +52,6 @@ def load_spec(spec: str | dict[str, Any]) -> JobSpec:
     return JobSpec(kind, config, source, {"kind": kind, **data})
 
 
-def new_job_id(kind: str) -> str:
-    return f"{kind}-{history.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
 # ---- reachability: every input listed, every output written, the tracking server asked, before any work
 
 def check_inputs(spec: JobSpec) -> None:
@@ -63,14 +60,14 @@ def check_inputs(spec: JobSpec) -> None:
     if spec.kind == "segment":
         readable = {"input": c.input, "labels": c.labels}
         writable = {"output": c.output}
-        tracking = _registry_tracking(c.model)
+        tracking = c.tracking_uri or _registry_tracking(c.model)
         readable["model"] = checkpoint_path(c.model)
     elif spec.kind == "evaluate":
         readable = {"images": c.images, "labels": c.labels}
         writable = {"output": c.output}
         tracking = c.tracking_uri or _registry_tracking(c.model)
         if c.registered() and not tracking:
-            from segmill.pipeline.evaluate import resolved_tracking_uri
+            from segmill.pipeline.tracking import resolved_tracking_uri
 
             tracking = resolved_tracking_uri(None)
     else:
@@ -101,43 +98,7 @@ def checkpoint_path(model: str) -> str | None:
 
 
 def _registry_tracking(model: str) -> str | None:
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI") if model.startswith("models:/") else None
-
-
-def check_listable(uri: str, what: str, endpoint_url: str | None = None) -> None:
-    """`uri` exists and, when it is a folder, can be listed."""
-    try:
-        fs, path = open_fs(uri, endpoint_url=endpoint_url)
-        if not fs.exists(path):
-            raise ValueError(f"{what} {redact(uri)} does not exist.")
-        if fs.isdir(path):
-            fs.ls(path, detail=False)
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{what} {redact(uri)} cannot be listed ({type(exc).__name__}: {_first_line(exc)}).") from None
-
-
-def check_writable(uri: str, what: str, endpoint_url: str | None = None) -> None:
-    """A probe file can be written under `uri` and removed; a folder created for the probe is removed too."""
-    try:
-        fs, path = open_fs(uri, endpoint_url=endpoint_url)
-        existed = fs.exists(path)
-        probe = join_uri(path, f".segmill-write-probe-{secrets.token_hex(4)}")
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
-        if not existed and fs.isdir(path) and not fs.ls(path, detail=False):
-            fs.rmdir(path)
-    except Exception as exc:
-        raise ValueError(f"{what} {redact(uri)} cannot be written ({type(exc).__name__}: {_first_line(exc)}).") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [""])[0][:200]
+    return settings.tracking_uri() if model.startswith("models:/") else None
 
 
 # ---- running
@@ -153,10 +114,9 @@ def run_spec(spec: str | dict[str, Any], *, address: str | None = None, history_
     if check:
         check_inputs(job)
     if address:
-        from segmill.jobs.submit import submit
-
-        return submit(job, address, history_uri=history_uri, job_id=job_id)
-    return run_local(job, job_id=job_id or new_job_id(job.kind), history_uri=history_uri)
+        return submit.submit(job.kind, job.data, job.source, job.output, address, history_uri=history_uri,
+                             job_id=job_id)
+    return run_local(job, job_id=job_id or history.new_job_id(job.kind), history_uri=history_uri)
 
 
 def run_local(job: JobSpec, *, job_id: str, history_uri: str | None = None) -> dict[str, Any]:
@@ -169,7 +129,7 @@ def run_local(job: JobSpec, *, job_id: str, history_uri: str | None = None) -> d
         result = RUNNERS[job.kind](job.config)
     except BaseException as exc:
         history.record_event(history.JobEvent(**event, event="finished", status="FAILED", finished_at=history.now(),
-                                              message=f"{type(exc).__name__}: {_first_line(exc)}"), history_uri)
+                                              message=f"{type(exc).__name__}: {first_line(exc)}"), history_uri)
         raise
     history.record_event(history.JobEvent(**event, event="finished", status="SUCCEEDED", finished_at=history.now(),
                                           output=result["output"], model_name=result.get("model_name"),
@@ -178,7 +138,9 @@ def run_local(job: JobSpec, *, job_id: str, history_uri: str | None = None) -> d
 
 
 def _run_segment(config: SegmentConfig) -> dict[str, Any]:
-    from segmill.pipeline.segment import segment
+    from segmill.pipeline.bulk.job import (
+        segment,  # imported here: a submission needs none of the job's code
+    )
 
     record = segment(config)
     return {"output": config.output, "model_name": record.model_name, "model_version": record.model_version,
@@ -186,7 +148,9 @@ def _run_segment(config: SegmentConfig) -> dict[str, Any]:
 
 
 def _run_train(config: TrainConfig) -> dict[str, Any]:
-    from segmill.pipeline.train import train  # imported here: the training module is heavy
+    from segmill.pipeline.train.driver import (
+        train,  # imported here: the training module is heavy
+    )
 
     outcome = train(config)
     return {"output": outcome.checkpoint_uri, "model_name": outcome.model_name,
@@ -195,7 +159,7 @@ def _run_train(config: TrainConfig) -> dict[str, Any]:
 
 
 def _run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    from segmill.pipeline.evaluate import evaluate
+    from segmill.pipeline.bulk.evaluate import evaluate
 
     outcome = evaluate(config)
     return {"output": outcome.output, "model_name": outcome.model_name, "model_version": outcome.model_version,

@@ -12,16 +12,14 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from segmill.jobs import history
-from segmill.pipeline.storage import protocol_of, redact
-
-if TYPE_CHECKING:
-    from segmill.jobs.specs import JobSpec
+from segmill.pipeline.common import settings
+from segmill.pipeline.common.storage import first_line, protocol_of, redact
 
 SPEC_FILE = "segmill-job.yaml"
 ENTRYPOINT = 'python -c "from segmill.jobs.cli import main; main()" run-spec'
@@ -35,7 +33,7 @@ def client(address: str | None):
     """A Jobs API client for `address` (default $RAY_ADDRESS), or one sentence saying why there is none."""
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = settings.ray_address(address)
     if not address:
         raise ValueError("No Ray cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS.")
     try:
@@ -48,8 +46,8 @@ def _cluster_error(address: str, exc: Exception) -> str:
     if type(exc).__name__ == "AuthenticationError":
         return (f"The Ray cluster at {redact(address)} wants an authentication token; set RAY_AUTH_MODE=token "
                 "and RAY_AUTH_TOKEN (or ~/.ray/auth_token).")
-    first = (str(exc).splitlines() or [""])[0][:200]
-    return f"The Ray cluster at {redact(address)} cannot be reached through its Jobs API ({type(exc).__name__}: {first})."
+    return (f"The Ray cluster at {redact(address)} cannot be reached through its Jobs API "
+            f"({type(exc).__name__}: {first_line(exc)}).")
 
 
 def package_source(into: Path) -> Path:
@@ -66,13 +64,13 @@ def package_source(into: Path) -> Path:
     return root
 
 
-def runtime_env(job: "JobSpec", workdir: Path, history_uri: str | None) -> dict[str, Any]:
+def runtime_env(spec: dict[str, Any], workdir: Path, history_uri: str | None) -> dict[str, Any]:
     """The job's runtime environment: segmill's source, the spec as working directory, non-secret settings."""
     (workdir / "spec").mkdir()
-    (workdir / "spec" / SPEC_FILE).write_text(yaml.safe_dump(job.data, sort_keys=False))
+    (workdir / "spec" / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
     if history_uri:
-        env[history.HISTORY_ENV] = history_uri
+        env[settings.HISTORY_ENV] = history_uri
     return {"working_dir": str(workdir / "spec"), "py_modules": [str(package_source(workdir / "code"))],
             "env_vars": env}
 
@@ -87,26 +85,26 @@ def history_for_cluster(history_uri: str | None, address: str) -> str | None:
     return os.path.abspath(location.removeprefix("file://")) if host in _LOOPBACK else None
 
 
-def submit(job: "JobSpec", address: str, *, history_uri: str | None = None, job_id: str | None = None) -> dict[str, Any]:
-    """Submit a validated spec; returns at once with the submission id (also the job's id in the history)."""
-    from segmill.jobs.specs import new_job_id
-
+def submit(kind: str, spec: dict[str, Any], source: str, output: str, address: str, *,
+           history_uri: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+    """Submit a validated spec (its kind, mapping, where it came from and its output); returns at once with the
+    submission id (also the job's id in the history)."""
     jobs = client(address)
-    job_id = job_id or new_job_id(job.kind)
+    job_id = job_id or history.new_job_id(kind)
     submitted = history.now()
     with tempfile.TemporaryDirectory(prefix="segmill-submit-") as tmp:
-        env = runtime_env(job, Path(tmp), history_for_cluster(history_uri, address))
+        env = runtime_env(spec, Path(tmp), history_for_cluster(history_uri, address))
         try:
             submission = jobs.submit_job(entrypoint=f"{ENTRYPOINT} {SPEC_FILE} --job-id {job_id}",
                                          submission_id=job_id, runtime_env=env,
-                                         metadata={KIND_KEY: job.kind, "segmill.spec": job.source[:200]})
+                                         metadata={KIND_KEY: kind, "segmill.spec": source[:200]})
         except Exception as exc:
-            raise ValueError(f"Submitting {job.source} to {redact(address)} failed "
-                             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}).") from None
-    history.record_event(history.JobEvent(job_id=submission, event="submitted", kind=job.kind, status="PENDING",
-                                          spec=job.data, address=address, submitted_at=submitted,
-                                          output=job.output), history_uri)
-    return {"job_id": submission, "kind": job.kind, "status": "PENDING", "address": address, "output": job.output}
+            raise ValueError(f"Submitting {source} to {redact(address)} failed "
+                             f"({type(exc).__name__}: {first_line(exc)}).") from None
+    history.record_event(history.JobEvent(job_id=submission, event="submitted", kind=kind, status="PENDING",
+                                          spec=spec, address=address, submitted_at=submitted, output=output),
+                         history_uri)
+    return {"job_id": submission, "kind": kind, "status": "PENDING", "address": address, "output": output}
 
 
 def job_info(job_id: str, address: str | None) -> dict[str, Any]:

@@ -42,3 +42,21 @@ def load_checkpoint(
     model = spec.build()
     model.load_state_dict(payload["state_dict"])
     return model.eval(), spec
+
+
+def save_random_checkpoint(target: str | os.PathLike | BinaryIO, spec: ModelSpec, *, seed: int = 0,
+                           sharpen: float = 20.0) -> None:
+    """Save a seeded random-weight model of `spec`, for benchmarks and tests that need a model but no training.
+
+    The class-score convolutions are scaled by `sharpen` (and their bias zeroed): a random head's bias would
+    otherwise decide nearly every pixel, and masks of one class prove little when compared.
+    """
+    torch.manual_seed(seed)
+    model = spec.build()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d) and module.out_channels == spec.num_classes:
+                module.weight.mul_(sharpen)
+                if module.bias is not None:
+                    module.bias.zero_()
+    save_checkpoint(target, model, spec)

@@ -5,7 +5,6 @@ A class whose union is 0 (absent from ground truth and prediction) has no IoU: N
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 

@@ -39,7 +39,6 @@ from segmill.models.fold import fold_batchnorm as fold_batchnorm_into_convs
 from segmill.models.options import FastPath, InferenceOptions
 from segmill.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
-
 Image = Union[np.ndarray, torch.Tensor]
 Size = tuple[int, int]
 

@@ -50,7 +50,7 @@ def get_model_builder(name: str) -> ModelBuilder:
 
 
 def model_paper(name: str) -> str:
-    """The paper a registered architecture comes from (for docs and the README table)."""
+    """The paper a registered architecture comes from (for the docs' model table)."""
     get_model_builder(name)
     return _PAPERS[name]
 

@@ -4,7 +4,6 @@ Everything is started and stopped by the tests; nothing reaches beyond the machi
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,39 +13,28 @@ import pyarrow.dataset as pads
 import pytest
 import ray  # noqa: F401  imported before any CliRunner swaps sys.stderr: Ray's log handler keeps the stream it first saw
 
+from testkit import DSB2018
+
 # Dummy credentials, distinctive so a test can prove they never reach a table, a record or a message.
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "AKIASEGMILLTESTKEY01",
     "AWS_SECRET_ACCESS_KEY": "segmill-test-secret-never-in-output",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-DSB2018 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dsb2018"
-
-
-def _set_env(values: dict[str, str | None]) -> dict[str, str | None]:
-    """Set (or unset, for None) environment variables; returns the previous values for restoring."""
-    previous = {k: os.environ.get(k) for k in values}
-    for key, value in values.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    return previous
 
 
 @pytest.fixture(scope="session")
 def aws_env() -> Iterator[dict[str, str]]:
     """Dummy AWS credentials for the whole session, set before Ray starts so its workers inherit them."""
-    previous = _set_env(dict(AWS_ENV))
-    yield dict(AWS_ENV)
-    _set_env(previous)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in AWS_ENV.items():
+            patch.setenv(key, value)
+        yield dict(AWS_ENV)
 
 
 @pytest.fixture(scope="session")
 def ray_session(aws_env: dict[str, str]) -> Iterator[None]:
     """One local Ray for the session; 4 logical CPUs on 2 cores so Ray Data tasks are never starved by actors."""
-    import ray
-
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -54,29 +42,18 @@ def ray_session(aws_env: dict[str, str]) -> Iterator[None]:
 
 def _save_tiny_unet(path: Path, classes: tuple[str, ...], palette: tuple[tuple[int, int, int], ...] = (),
                     seed: int = 3) -> str:
-    """A random-init U-Net (8 channels, depth 2); the classifier is sharpened so masks hold several classes.
+    """A random-init U-Net (8 channels, depth 2) whose masks hold several classes (see save_random_checkpoint)."""
+    from segmill.models.checkpoint import ModelSpec, save_random_checkpoint
 
-    Without that, a random head's bias decides almost every pixel and masks are one class: then comparing
-    masks and IoUs would prove little.
-    """
-    import torch
-
-    from segmill.models.checkpoint import ModelSpec, save_checkpoint
-
-    torch.manual_seed(seed)
     spec = ModelSpec(arch="unet", classes=classes, arch_kwargs={"base_channels": 8, "depth": 2}, palette=palette)
-    model = spec.build()
-    with torch.no_grad():
-        model.classifier.weight.mul_(20.0)
-        model.classifier.bias.zero_()
-    save_checkpoint(path, model, spec)
+    save_random_checkpoint(path, spec, seed=seed)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 7-class scene model checkpoint (SCENE_CLASSES, SCENE_PALETTE)."""
-    from segmill.pipeline.scenes import SCENE_CLASSES, SCENE_PALETTE
+    from segmill.pipeline.common.scenes import SCENE_CLASSES, SCENE_PALETTE
 
     return _save_tiny_unet(tmp_path_factory.mktemp("ckpt") / "scenes-unet.pt", SCENE_CLASSES, SCENE_PALETTE)
 
@@ -90,7 +67,7 @@ def nuclei_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def scenes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 labelled scenes: ROOT/images/scene_NNNNN.png, ROOT/labels/..., ROOT/classes.yaml. Treat as read-only."""
-    from segmill.pipeline.scenes import write_scenes
+    from segmill.pipeline.common.scenes import write_scenes
 
     root = tmp_path_factory.mktemp("scenes")
     write_scenes(str(root), 12, seed=3)
@@ -133,9 +110,9 @@ def s3_server(aws_env: dict[str, str]) -> Iterator[S3Server]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    previous = _set_env({"AWS_ENDPOINT_URL": endpoint})
-    yield S3Server(endpoint, aws_env["AWS_ACCESS_KEY_ID"], aws_env["AWS_SECRET_ACCESS_KEY"])
-    _set_env(previous)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", endpoint)
+        yield S3Server(endpoint, aws_env["AWS_ACCESS_KEY_ID"], aws_env["AWS_SECRET_ACCESS_KEY"])
     server.stop()
 
 
@@ -178,7 +155,8 @@ def make_sample_files(max_pixels: int = 300 * 300) -> dict[str, SampleFile]:
     import numpy as np
     from PIL import Image
 
-    from segmill.pipeline.scenes import encode_png, render_scene
+    from segmill.pipeline.common.images import encode_png
+    from segmill.pipeline.common.scenes import render_scene
 
     scene, _ = render_scene(11, 0)
     yy, xx = np.mgrid[:40, :60]
@@ -230,7 +208,7 @@ def register_tiny_model(tmp_path: Path, tiny_checkpoint: str, monkeypatch):
 
     import mlflow
 
-    from segmill.pipeline.model_source import MLFLOW_CHECKPOINT_ARTIFACT
+    from segmill.pipeline.common.model_source import MLFLOW_CHECKPOINT_ARTIFACT
     from segmill.pipeline.tracking import experiment_id
 
     def register(name: str) -> str:

@@ -1,8 +1,9 @@
 """The namespace mapping in pyproject.toml must list every subpackage, or the wheel silently drops it."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

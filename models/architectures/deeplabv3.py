@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from segmill.models.architectures.base import SegmentationModel, resize_to
 from segmill.models.architectures.backbones import resnet_backbone
+from segmill.models.architectures.base import SegmentationModel, resize_to
 from segmill.models.registry import register_model
 
 _PAPER = "Chen, Papandreou, Schroff, Adam. Rethinking Atrous Convolution for Semantic Image Segmentation. 2017."

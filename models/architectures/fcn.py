@@ -13,8 +13,13 @@ from torch.nn import functional as F
 from torchvision.models import VGG16_Weights
 from torchvision.models.segmentation.fcn import FCNHead
 
+from segmill.models.architectures.backbones import (
+    Convert,
+    load_backbone_weights,
+    resnet_backbone,
+    vgg16_features,
+)
 from segmill.models.architectures.base import SegmentationModel
-from segmill.models.architectures.backbones import Convert, load_backbone_weights, resnet_backbone, vgg16_features
 from segmill.models.registry import register_model
 
 _PAPER = "Long, Shelhamer, Darrell. Fully Convolutional Networks for Semantic Segmentation. CVPR 2015."

@@ -15,15 +15,21 @@ from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights
 from torchvision.models._api import WeightsEnum
 from torchvision.models.segmentation import (
+    LRASPP,
     DeepLabV3,
     DeepLabV3_MobileNet_V3_Large_Weights,
-    LRASPP,
     LRASPP_MobileNet_V3_Large_Weights,
 )
-from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large as _tv_deeplabv3
+from torchvision.models.segmentation import (
+    deeplabv3_mobilenet_v3_large as _tv_deeplabv3,
+)
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large as _tv_lraspp
 
-from segmill.models.architectures.backbones import load_backbone_weights, resolve_weights_enum, strip_prefix
+from segmill.models.architectures.backbones import (
+    load_backbone_weights,
+    resolve_weights_enum,
+    strip_prefix,
+)
 from segmill.models.registry import register_model
 
 _LRASPP_PAPER = "Howard et al. Searching for MobileNetV3. ICCV 2019."

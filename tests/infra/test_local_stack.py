@@ -1,27 +1,18 @@
 """infra/local/start-mlflow.sh starts a real MLflow server on loopback that segmill's tracking code can use."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testkit import ROOT, free_port, stop_group
 
 
 def test_start_mlflow_serves_tracking_and_registry_on_loopback(tmp_path: Path) -> None:
     from segmill.pipeline.tracking import check_reachable, client, log_evaluation
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(ROOT / "infra" / "local" / "start-mlflow.sh"), str(port), str(tmp_path / "state")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -40,9 +31,4 @@ def test_start_mlflow_serves_tracking_and_registry_on_loopback(tmp_path: Path) -
         assert client(uri).get_run(run_id).data.metrics["iou.pole"] == 0.25
         assert (tmp_path / "state" / "mlflow.db").is_file()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import tomllib
 import yaml
 from croniter import croniter
 from typer.testing import CliRunner
 
 from segmill.jobs.cli import app
 from segmill.jobs.specs import load_spec
+from testkit import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 THIRD_PARTY_IMAGES = {"postgres:16"}

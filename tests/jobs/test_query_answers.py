@@ -10,10 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from segmill.jobs.answers import ANSWERS, answer_sql, table_classes
 from segmill.jobs.cli import app
-from segmill.jobs.query import connect, run_sql
-from segmill.pipeline.scenes import SCENE_CLASSES
+from segmill.jobs.query import ANSWERS, answer_sql, connect, run_sql, table_classes
+from segmill.pipeline.common.scenes import SCENE_CLASSES
 
 runner = CliRunner()
 

@@ -9,9 +9,8 @@ from typer.testing import CliRunner
 
 from segmill.jobs.cli import app
 from segmill.jobs.show import render
-from segmill.pipeline.export import OVERLAY_ALPHA
-from segmill.pipeline.results import decode_mask_png
-from segmill.pipeline.scenes import SCENE_PALETTE
+from segmill.pipeline.common.images import OVERLAY_ALPHA, decode_png
+from segmill.pipeline.common.scenes import SCENE_PALETTE
 
 runner = CliRunner()
 
@@ -34,7 +33,7 @@ def test_png_with_labels_is_twice_as_wide_and_carries_the_class_colours(scene_re
     height, width = image.shape[:2]
     assert picture.shape == (height, 2 * width, 3)
     palette = np.array(SCENE_PALETTE, dtype=np.float32)  # the model's palette, found through _job.json
-    mask = decode_mask_png(_row(scene_results, image_uri)["mask"])
+    mask = decode_png(_row(scene_results, image_uri)["mask"])
     label = np.asarray(Image.open(scene_results.labels / Path(image_uri).name))
     assert len(np.unique(mask)) > 1, "a one-class mask would prove little about colours"
     np.testing.assert_array_equal(picture[:, :width], _blend(image, mask, palette))

@@ -9,10 +9,16 @@ import yaml
 from typer.testing import CliRunner
 
 from segmill.jobs.cli import app
-from segmill.jobs.history import JobEvent, connect_history, job_state, read_jobs, record_event
+from segmill.jobs.history import (
+    JobEvent,
+    connect_history,
+    job_state,
+    read_jobs,
+    record_event,
+)
 from segmill.jobs.specs import check_inputs, load_spec, run_spec
-from segmill.pipeline.evaluate import EvaluateConfig
-from segmill.pipeline.train_config import TrainConfig
+from segmill.pipeline.bulk.evaluate import EvaluateConfig
+from segmill.pipeline.train.config import TrainConfig
 
 runner = CliRunner()
 
@@ -99,8 +105,8 @@ def registry(register_tiny_model) -> str:
 
 def test_evaluating_the_champion_records_its_latest_evaluation(tmp_path: Path, scenes_dir: Path, registry: str,
                                                               ray_session, one_torch_thread) -> None:
-    from segmill.pipeline.bootstrap import dataset_iou_from_results
-    from segmill.pipeline.scenes import SCENE_CLASSES
+    from segmill.pipeline.bulk.results import dataset_iou
+    from segmill.pipeline.common.scenes import SCENE_CLASSES
     from segmill.pipeline.tracking import latest_evaluation
 
     spec = _write(tmp_path / "eval.yaml", {
@@ -110,7 +116,7 @@ def test_evaluating_the_champion_records_its_latest_evaluation(tmp_path: Path, s
     assert result.exit_code == 0, result.output
     evaluation = latest_evaluation(registry, "scenes")
     assert evaluation is not None and evaluation.dataset == "scenes-12"
-    expected = dataset_iou_from_results(str(tmp_path / "eval"), SCENE_CLASSES)
+    expected = dataset_iou(str(tmp_path / "eval"), SCENE_CLASSES)
     assert evaluation.iou == pytest.approx({k: v for k, v in expected.items() if v == v})
     (job,) = read_jobs(str(tmp_path / "history"))
     assert (job["kind"], job["status"], job["model_name"], job["model_version"]) == ("evaluate", "SUCCEEDED", "scenes", "1")

@@ -6,8 +6,6 @@ The head runs in its own process group with its own ports and temp dir, and is s
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,15 +18,10 @@ from typer.testing import CliRunner
 
 from segmill.jobs.cli import app
 from segmill.jobs.history import read_jobs
+from testkit import ROOT, free_port, stop_group
 
-ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _jobs_api_up(address: str) -> bool:
@@ -45,9 +38,9 @@ def _jobs_api_up(address: str) -> bool:
 def ray_head() -> Iterator[str]:
     """A Ray head with 2 CPUs on loopback; yields its Jobs API address."""
     temp_dir = tempfile.mkdtemp(prefix="smray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TEMP_DIR": temp_dir, "NUM_CPUS": "2",
-           "RAY_PORT": str(_free_port()), "RAY_CLIENT_PORT": str(_free_port()), "RAY_AGENT_PORT": str(_free_port())}
+           "RAY_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_AGENT_PORT": str(free_port())}
     log = open(Path(temp_dir) / "head.log", "wb")
     head = subprocess.Popen([str(ROOT / "infra" / "local" / "start-ray-head.sh"), str(dashboard)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -60,23 +53,8 @@ def ray_head() -> Iterator[str]:
             time.sleep(1)
         yield address
     finally:
-        _stop_group(head)
+        stop_group(head, grace=3)  # its workers (own process groups) exit when their raylet is gone
         log.close()
-
-
-def _stop_group(head: subprocess.Popen) -> None:
-    """SIGTERM to the head's own process group, then SIGKILL to what is left of it; its workers (own process
-    groups) exit when their raylet is gone."""
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=3)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=10)
 
 
 def _wait_for(address: str, job_id: str, statuses: set[str], history: str, timeout: float = 150) -> str:
@@ -92,7 +70,7 @@ def _wait_for(address: str, job_id: str, statuses: set[str], history: str, timeo
 
 @pytest.fixture()
 def segment_spec(tmp_path: Path, tiny_checkpoint: str) -> Path:
-    from segmill.pipeline.scenes import write_scenes
+    from segmill.pipeline.common.scenes import write_scenes
 
     write_scenes(str(tmp_path / "scenes"), 3, seed=5)
     spec = tmp_path / "segment.yaml"
@@ -142,6 +120,6 @@ def test_a_stopped_job_is_stopped_and_recorded(ray_head: str, segment_spec: Path
 def test_unknown_jobs_and_clusters_fail_with_one_sentence(ray_head: str) -> None:
     unknown = runner.invoke(app, ["jobs", "status", "segment-nope", "--address", ray_head])
     assert unknown.exit_code == 2 and "has no job 'segment-nope'" in unknown.output
-    nowhere = runner.invoke(app, ["jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}"])
+    nowhere = runner.invoke(app, ["jobs", "list", "--address", f"http://127.0.0.1:{free_port()}"])
     assert nowhere.exit_code == 2 and "cannot be reached through its Jobs API" in nowhere.output
     assert len(nowhere.output.strip().splitlines()) == 1

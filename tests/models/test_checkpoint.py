@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from segmill.models import get_model
-from segmill.models.checkpoint import CHECKPOINT_FORMAT, ModelSpec, default_palette, load_checkpoint, save_checkpoint
+from segmill.models.checkpoint import (
+    CHECKPOINT_FORMAT,
+    ModelSpec,
+    default_palette,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 CLASSES = ("background", "road", "car")
 

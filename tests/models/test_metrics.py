@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, jaccard_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
+from segmill.models import iou as numpy_iou
 from segmill.models.metrics import (
     ConfusionAccumulator,
     SegmentationMetrics,
@@ -17,9 +17,8 @@ from segmill.models.metrics import (
     intersection_and_union,
     iou_from_counts,
 )
-from segmill.models import iou as numpy_iou
+from testkit import DSB2018
 
-DSB2018 = Path(__file__).parents[2].parent / "shared/datasets/dsb2018"
 IGNORE = 255
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmill.models.predict import (
-    InferenceOptions,
     IMAGENET_MEAN,
+    InferenceOptions,
     Predictor,
     crop_to_sizes,
     normalize,

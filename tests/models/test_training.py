@@ -1,6 +1,7 @@
 """The training recipe: a tiny U-Net learns a simple pattern; poly schedule, augmentation and loss."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -9,13 +10,13 @@ from segmill.models import get_model
 from segmill.models.training import (
     AUX_LOSS_WEIGHT,
     POLY_POWER,
+    hard_pixel_cross_entropy,
     poly_lr_lambda,
     random_scale_crop_flip,
     segmentation_loss,
     sgd_with_poly,
     train_step,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,3 +131,16 @@ def test_segmentation_loss_ignores_ignore_index_pixels() -> None:
     assert segmentation_loss({"out": changed}, target).item() == pytest.approx(loss.item())
     labelled = F.cross_entropy(logits[..., 4:, :], target[:, 4:])
     assert loss.item() == pytest.approx(labelled.item())
+
+
+def test_hard_pixel_loss_keeps_only_the_hardest_share():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    target[0, 0] = 255
+    assert torch.isclose(hard_pixel_cross_entropy(logits, target, 1.0), F.cross_entropy(logits, target, ignore_index=255))
+    per_pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")[target != 255]
+    top = per_pixel.sort(descending=True).values[: int(np.ceil(per_pixel.numel() * 0.25))].mean()
+    assert torch.isclose(hard_pixel_cross_entropy(logits, target, 0.25), top)
+    ignored = hard_pixel_cross_entropy(logits.requires_grad_(), torch.full_like(target, 255), 0.5)
+    ignored.backward()
+    assert ignored.item() == 0 and logits.grad is not None

@@ -5,11 +5,21 @@ import pytest
 import torch
 import torchvision.models._api as tv_api
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, VGG16_Weights, mobilenet_v3_large
+from torchvision.models import (
+    MobileNet_V3_Large_Weights,
+    ResNet50_Weights,
+    VGG16_Weights,
+    mobilenet_v3_large,
+)
 
 from segmill.models import get_model
 from segmill.models.architectures.backbones import vgg16_features
-from segmill.models.transfer import freeze_backbone, param_groups, set_backbone_bn_eval, unfreeze_backbone
+from segmill.models.transfer import (
+    freeze_backbone,
+    param_groups,
+    set_backbone_bn_eval,
+    unfreeze_backbone,
+)
 
 SMALL = {
     "unet": {"base_channels": 8, "depth": 2},

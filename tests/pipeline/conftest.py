@@ -3,7 +3,6 @@ and a small labelled scene set."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from segmill.pipeline.scenes import write_scenes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from segmill.pipeline.common.scenes import write_scenes
+from testkit import free_port, stop_group
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +21,7 @@ def mlflow_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """`mlflow server` (SQLite backend) proxying artifacts to s3://mlflow-artifacts on moto; yields its URL."""
     bucket = s3_server.create_bucket("mlflow-artifacts")
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url}
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", f"s3://{bucket}/"]
@@ -47,8 +41,7 @@ def mlflow_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield url
-    os.killpg(server.pid, 15)  # the server's uvicorn workers are in its own session
-    server.wait(timeout=30)
+    stop_group(server)  # the server's uvicorn workers are in its own session
     log.close()
 
 

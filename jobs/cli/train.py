@@ -1,0 +1,80 @@
+"""`segmill train`: retraining on Ray Train with hard classes, tracked and registered in MLflow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from segmill.jobs.cli.common import console, given, user_errors
+from segmill.pipeline.common.config import describe
+from segmill.pipeline.train.config import TrainConfig
+
+
+def _help(name: str) -> str:
+    return describe(TrainConfig, name)
+
+
+def train(
+    images: Optional[str] = typer.Option(None, help=_help("images")),
+    labels: Optional[str] = typer.Option(None, help=_help("labels")),
+    classes: Optional[str] = typer.Option(None, help=_help("classes")),
+    model: Optional[str] = typer.Option(None, help=_help("model")),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML train spec; command-line values override it."),
+    arch_kwargs: Optional[str] = typer.Option(None, help=_help("arch_kwargs")),
+    init_from: Optional[str] = typer.Option(None, help=_help("init_from")),
+    backbone_weights: Optional[str] = typer.Option(None, help=_help("backbone_weights")),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
+                                                   help=_help("freeze_backbone")),
+    epochs: Optional[int] = typer.Option(None, help=_help("epochs")),
+    batch_size: Optional[int] = typer.Option(None, help=_help("batch_size")),
+    crop_size: Optional[int] = typer.Option(None, help=_help("crop_size")),
+    lr: Optional[float] = typer.Option(None, help=_help("lr")),
+    ohem_fraction: Optional[float] = typer.Option(None, help=_help("ohem_fraction")),
+    val_images: Optional[str] = typer.Option(None, help=_help("val_images")),
+    val_labels: Optional[str] = typer.Option(None, help=_help("val_labels")),
+    hard_classes: Optional[str] = typer.Option(None, help=_help("hard_classes")),
+    hard_classes_from: Optional[str] = typer.Option(None, help=_help("hard_classes_from")),
+    bootstrap_factor: Optional[int] = typer.Option(None, help=_help("bootstrap_factor")),
+    workers: Optional[int] = typer.Option(None, help=_help("workers")),
+    gpus: Optional[bool] = typer.Option(None, "--gpus/--no-gpus", help=_help("use_gpu")),
+    cpus_per_worker: Optional[float] = typer.Option(None, help=_help("cpus_per_worker")),
+    register_as: Optional[str] = typer.Option(None, "--register", help=_help("register")),
+    champion_margin: Optional[float] = typer.Option(None, help=_help("champion_margin")),
+    storage_path: Optional[str] = typer.Option(None, "--storage", help=_help("storage_path")),
+    run_name: Optional[str] = typer.Option(None, help=_help("run_name")),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help=_help("resume")),
+    tracking_uri: Optional[str] = typer.Option(None, help=_help("tracking_uri")),
+    address: Optional[str] = typer.Option(None, help=_help("ray_address")),
+    endpoint_url: Optional[str] = typer.Option(None, help=_help("endpoint_url")),
+    seed: Optional[int] = typer.Option(None, help=_help("seed")),
+) -> None:
+    """Train a model on labelled images with Ray Train; log to MLflow; register a version that must beat the champion."""
+    with user_errors():
+        try:
+            kwargs = json.loads(arch_kwargs) if arch_kwargs else None
+        except json.JSONDecodeError:
+            raise ValueError(f"--arch-kwargs {arch_kwargs!r} is not JSON, e.g. '{{\"depth\": 3}}'.") from None
+        values = given(images=images, labels=labels, classes=classes, model=model, arch_kwargs=kwargs,
+                       init_from=init_from, backbone_weights=backbone_weights, freeze_backbone=freeze_backbone,
+                       epochs=epochs, batch_size=batch_size, crop_size=crop_size, lr=lr, ohem_fraction=ohem_fraction,
+                       val_images=val_images, val_labels=val_labels, hard_classes=hard_classes,
+                       hard_classes_from=hard_classes_from, bootstrap_factor=bootstrap_factor, workers=workers,
+                       use_gpu=gpus, cpus_per_worker=cpus_per_worker, register=register_as,
+                       champion_margin=champion_margin, storage_path=storage_path, run_name=run_name, resume=resume,
+                       tracking_uri=tracking_uri, ray_address=address, endpoint_url=endpoint_url, seed=seed)
+        cfg = TrainConfig.from_yaml(str(config), values) if config else TrainConfig.from_dict(values, "command line")
+        from segmill.pipeline.train.driver import (
+            train as run_training,  # Ray Train is heavy to import
+        )
+
+        outcome = run_training(cfg)
+    console.print(f"run {outcome.run_name} (MLflow {outcome.run_id}): val mIoU {outcome.val_miou:.4f}")
+    console.print("  per-class IoU: " + ", ".join(f"{k} {v:.3f}" for k, v in outcome.val_iou.items()))
+    console.print(f"  hard classes {outcome.hard_classes or '-'}; images per epoch {outcome.bootstrap['epoch_images']} "
+                  f"(hard-class share {outcome.bootstrap['hard_share_before']:.2f} -> {outcome.bootstrap['hard_share_after']:.2f})")
+    if outcome.model_version:
+        role = "champion" if outcome.champion else "challenger"
+        console.print(f"  registered {outcome.model_name} version {outcome.model_version} as {role}: {outcome.decision}")
+        console.print(f"  use it: segmill segment IMAGES OUTPUT --model models:/{outcome.model_name}@{role}")

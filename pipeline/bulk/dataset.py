@@ -1,0 +1,99 @@
+"""The bulk job's Ray Data plan, top to bottom as the data flows: read the listing -> decode -> model actors ->
+encode masks -> commit part files. `build_dataset` is public so that a benchmark can read the stats of the very
+dataset a job runs (`segmill.pipeline.bulk.job.run(config, plan, dataset)`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from segmill.models.allocator import ONE_ARENA_ENV
+from segmill.pipeline.bulk.config import ResourceConfig, SegmentConfig
+from segmill.pipeline.bulk.stages import (
+    SegmenterStage,
+    commit_batch,
+    decode_batch,
+    encode_masks,
+)
+from segmill.pipeline.common.model_source import ResolvedModel
+from segmill.pipeline.common.storage import arrow_filesystem
+
+if TYPE_CHECKING:
+    import ray.data
+
+FINISHING_TASKS_PER_GPU_ACTOR = 4  # encode and commit tasks at once per GPU model actor (one per CPU actor)
+MAX_ACTOR_RESTARTS = 2  # bounded, unlike Ray Data's default of -1: an image that kills its actor must not loop
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `job.prepare` decided: the job's id, its resolved model, and the listing of what is left to do."""
+
+    job_id: str
+    model: ResolvedModel
+    listing_dir: str
+    pending: int
+    already_done: int
+
+
+def build_dataset(config: SegmentConfig, plan: Plan) -> "ray.data.Dataset":
+    """The job's dataset, not yet run; Ray must be started (the resources are resolved against the cluster)."""
+    import ray
+
+    resources = config.resources.resolve(ray.cluster_resources())
+    fs, listing_path = arrow_filesystem(plan.listing_dir, config.endpoint_url)
+    # The job's settings go in a copy that its datasets capture, not in the process's context other jobs share.
+    context = ray.data.DataContext.get_current().copy()
+    context.max_errored_blocks = -1  # lost blocks become error rows (recovery.py)
+    # Ray 2.60's new Parquet reader grew the model actor's memory with every batch; the V1 reader keeps it flat
+    # (docs/throughput.md).
+    context.use_datasource_v2 = False
+    # Ray Data takes the lower of this and its own limit (config.QUEUE_MB_PER_CPU_ACTOR says why).
+    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+        object_store_memory=resources.queue_memory_mb * 2**20)
+    with ray.data.DataContext.current(context):
+        return _stages(config, plan, resources, ray.data.read_parquet(listing_path, filesystem=fs))
+
+
+def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listing: "ray.data.Dataset"):
+    import ray
+
+    spec = plan.model.spec
+    use_gpu = bool(resources.gpus_per_actor)
+    # Encode and commit keep up with a CPU model actor many times over; uncapped, a backlog ran several at once,
+    # each in a worker process Ray started and killed when idle. A GPU actor can outrun one encoder.
+    finishing_tasks = ray.data.TaskPoolStrategy(
+        size=resources.actors_max * (FINISHING_TASKS_PER_GPU_ACTOR if use_gpu else 1))
+    return (
+        listing
+        .map_batches(decode_batch, batch_size=resources.decode_batch_size, batch_format="pyarrow",
+                     num_cpus=resources.decode_cpus,
+                     fn_kwargs=dict(max_pixels=config.max_pixels, num_classes=spec.num_classes,
+                                    ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url,
+                                    labels_expected=config.labels is not None,
+                                    gpu_jpeg=resources.gpu_jpeg_decode))
+        .map_batches(SegmenterStage, batch_size=resources.batch_size, batch_format="numpy",
+                     compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
+                     num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
+                     max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
+                     **_model_process_env(resources),
+                     fn_constructor_kwargs=dict(checkpoint=plan.model.checkpoint, use_gpu=use_gpu,
+                                                torch_threads=resources.torch_threads,
+                                                options=config.inference(resources.batch_size),
+                                                fast=resources.fast_path(), low_confidence=config.low_confidence,
+                                                keep_host_memory=resources.keep_host_memory))
+        .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
+                     compute=finishing_tasks, fn_kwargs=dict(num_classes=spec.num_classes))
+        .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,
+                     compute=finishing_tasks,
+                     fn_kwargs=dict(classes=spec.classes, output=config.output, job_id=plan.job_id,
+                                    model_name=plan.model.name, model_version=plan.model.version,
+                                    endpoint_url=config.endpoint_url, row_group_rows=resources.row_group_rows,
+                                    export_png=config.export_png, palette=spec.colours()))
+    )
+
+
+def _model_process_env(resources: ResourceConfig) -> dict:
+    """The model actor's process starts with one malloc arena, so that the memory it keeps is reused by the thread
+    Ray Data calls it from (models/allocator.py)."""
+    return {"runtime_env": {"env_vars": dict(ONE_ARENA_ENV)}} if resources.keep_host_memory else {}

@@ -1,0 +1,74 @@
+"""Connecting to Ray: an in-process local cluster by default, an existing one with an address."""
+from __future__ import annotations
+
+import logging
+import os
+
+from segmill.pipeline.common import settings
+
+log = logging.getLogger(__name__)
+# Ray's default object store is 30% of memory; Plasma spreads its allocations over the store and every page it
+# ever wrote stays resident, so a long job's store pages grow toward that size. A store sized to the job caps
+# them (docs/throughput.md, "Scaling").
+STORE_PER_QUEUE = 2  # Ray Data keeps its queues within half the store: twice the queue makes its limit the queue
+MIN_LOCAL_STORE_MB = 512
+RAY_DEFAULT_STORE_SHARE = 0.3
+
+
+def ensure_ray(address: str | None = None, job_resources=None) -> None:
+    """Start or join Ray once per process; `address` (or $RAY_ADDRESS) joins an existing cluster.
+
+    A local cluster started for a bulk job (`job_resources`, its ResourceConfig) gets an object store sized for
+    that job (`local_object_store_bytes`); otherwise Ray's default.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = settings.ray_address(address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = settings.progress_bars()
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        store = local_object_store_bytes(job_resources) if job_resources is not None else None
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=store)
+    log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def local_object_store_bytes(resources, cpus: float | None = None, gpus: int | None = None,
+                             memory_bytes: int | None = None) -> int | None:
+    """Object store for a local cluster that runs one bulk job: `resources.object_store_mb` if set, else twice the
+    job's queue on this machine (at least MIN_LOCAL_STORE_MB); None (Ray's default) where that would be larger
+    than Ray's default. The machine's CPUs, GPUs and memory are counted unless given."""
+    if resources.object_store_mb:
+        return resources.object_store_mb * 2**20
+    cpus = _local_cpus() if cpus is None else cpus
+    gpus = _local_gpus() if gpus is None else gpus
+    if gpus is None:  # unknown: a GPU actor's deeper queue may not fit a store sized for CPU actors
+        return None
+    queue_mb = resources.resolve({"CPU": cpus, "GPU": gpus}).queue_memory_mb
+    wanted = max(MIN_LOCAL_STORE_MB, STORE_PER_QUEUE * queue_mb) * 2**20
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return wanted if wanted < RAY_DEFAULT_STORE_SHARE * memory_bytes else None
+
+
+def _local_cpus() -> float:
+    from ray._private.utils import (
+        get_num_cpus,  # what a local ray.init will count (cgroup limits included)
+    )
+
+    return get_num_cpus()
+
+
+def _local_gpus() -> int | None:
+    """GPUs a local ray.init will count, found the way Ray finds them (no torch import in the driver)."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        return int(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
+    except Exception as error:  # a private API of the pinned Ray; if it moves, keep Ray's default store
+        log.warning("could not count this machine's GPUs (%s); the local object store keeps Ray's default size",
+                    error)
+        return None

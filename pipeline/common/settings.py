@@ -1,0 +1,50 @@
+"""Every environment variable segmill reads, in one place: what it sets, and the default when it is unset.
+
+| variable              | what it sets                                              | unset                          |
+|-----------------------|-----------------------------------------------------------|--------------------------------|
+| `AWS_ENDPOINT_URL`    | S3-compatible endpoint for `s3://` URIs                   | AWS itself                     |
+| `RAY_ADDRESS`         | the Ray cluster a job joins (also the Jobs API address)   | an in-process Ray              |
+| `MLFLOW_TRACKING_URI` | tracking server and registry (`models:/` URIs, training)  | SQLite beside the run storage  |
+| `SEGMILL_HISTORY`     | the job history folder (local or object storage)          | `.segmill/history`             |
+| `SEGMILL_STATE`       | the schedule store's folder                               | `.segmill/schedules`           |
+| `SEGMILL_PROGRESS`    | `1` turns on Ray Data's progress bars                     | off                            |
+
+Credentials are never read here: boto3, s3fs and MLflow find them the usual way (environment, profiles, roles).
+Every getter reads the environment when called, so a change takes effect for the next job in the same process.
+"""
+from __future__ import annotations
+
+import os
+
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+HISTORY_ENV = "SEGMILL_HISTORY"
+STATE_ENV = "SEGMILL_STATE"
+PROGRESS_ENV = "SEGMILL_PROGRESS"
+DEFAULT_HISTORY = ".segmill/history"
+DEFAULT_STATE = ".segmill/schedules"
+
+
+def endpoint_url(given: str | None = None) -> str | None:
+    return given or os.environ.get(ENDPOINT_ENV) or None
+
+
+def ray_address(given: str | None = None) -> str | None:
+    return given or os.environ.get(RAY_ADDRESS_ENV) or None
+
+
+def tracking_uri(given: str | None = None) -> str | None:
+    return given or os.environ.get(TRACKING_ENV) or None
+
+
+def history_location(given: str | None = None) -> str:
+    return given or os.environ.get(HISTORY_ENV) or DEFAULT_HISTORY
+
+
+def state_folder(given: str | os.PathLike | None = None) -> str:
+    return str(given or os.environ.get(STATE_ENV) or DEFAULT_STATE)
+
+
+def progress_bars() -> bool:
+    return os.environ.get(PROGRESS_ENV, "0") == "1"

@@ -1,0 +1,117 @@
+"""Typed configuration of a retraining job (Ray Train + MLflow), from Python, YAML or the CLI."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from segmill.pipeline.common import settings
+from segmill.pipeline.common.config import Config
+
+AUTO = "auto"
+Positive = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Share = Annotated[float, Field(gt=0, lt=1)]
+
+
+# `register` is the spec's key for the model name; pydantic warns that it shadows ABCMeta.register, which no
+# config uses.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrainConfig" shadows')
+
+
+class TrainConfig(Config):
+    """What to learn from, which model, the recipe, hard classes, where it runs, and where results go."""
+
+    what: ClassVar[str] = "train job"
+
+    images: Annotated[str, Field(min_length=1)] = Field(
+        description="Training image prefix (local, s3://...) or a manifest with label_uri.")
+    classes: Annotated[str, Field(min_length=1)] = Field(
+        description="Class file (YAML: names, colours, optional ignore_index).")
+    labels: str | None = Field(None, description="Label prefix, paired with images by relative path and stem "
+                                                  "(none: images is a manifest with label_uri).")
+    model: str = Field("unet", description="Architecture (see `segmill models`).")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                        description="Architecture arguments as JSON, e.g. '{\"output_stride\": 16}'.")
+    init_from: str | None = Field(None, description="Start from these weights: a checkpoint or models:/NAME@champion.")
+    backbone_weights: str | None = Field(None, description="Pretrained backbone: torchvision tag or a state-dict "
+                                                           "file.")
+    freeze_backbone: bool = Field(False, description="Freeze the backbone.")
+    backbone_lr_mult: Annotated[float, Field(ge=0)] = 0.1  # pretrained layers learn at lr * this
+    # recipe
+    epochs: Positive = Field(10, description="Epochs.")
+    batch_size: Positive = Field(8, description="Crops per worker per step.")
+    crop_size: Positive = Field(512, description="Training crop side in pixels.")
+    lr: PositiveFloat = Field(0.01, description="Learning rate of new layers (poly decay).")
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    scale_min: PositiveFloat = 0.5
+    scale_max: PositiveFloat = 2.0
+    ohem_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="Only this share of the hardest labelled pixels counts in the loss.")
+    seed: int = Field(0, description="Seed of the model's initial weights (the data order and augmentation are "
+                                     "not seeded).")
+    # validation
+    val_images: str | None = Field(None, description="Validation images (default: a stable share of --images).")
+    val_labels: str | None = Field(None, description="Validation labels.")
+    val_fraction: Share = 0.1  # held out from `images` when no val set is given
+    # hard classes
+    hard_classes: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="'auto' (the champion's lowest-IoU classes) or NAME,NAME.")
+    hard_class_count: Positive = 2  # how many classes "auto" picks
+    hard_classes_from: str | None = Field(None, description="With auto: a results table made with labels to rank "
+                                                            "classes by.")
+    bootstrap_factor: Positive = Field(2, description="Images with a hard class appear this many times per epoch.")
+    # compute
+    workers: Positive = Field(1, description="Data-parallel training workers.")
+    use_gpu: bool | None = Field(None, description="One GPU per worker (default: if the cluster has GPUs).")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs per worker.")
+    max_failures: Annotated[int, Field(ge=0)] = 2  # worker crashes tolerated; training resumes from a checkpoint
+    ray_address: str | None = Field(None, description="Ray cluster address (default: $RAY_ADDRESS or an "
+                                                       "in-process Ray).")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: $AWS_ENDPOINT_URL).")
+    # tracking and results
+    storage_path: str = Field(default_factory=lambda: os.path.abspath(".segmill/train"),
+                              description="Checkpoints folder (local or s3://).")
+    run_name: str | None = Field(None, description="Run name (default: model name and time).")
+    resume: bool = Field(False, description="Continue the latest (or --run-name) stopped run.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                                                       "SQLite beside the storage folder).")
+    experiment: str = "segmill-train"
+    register: str | None = Field(None, description="Register the result as a version of this MLflow model.")
+    champion_margin: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="mIoU a new version must gain over the champion to replace it.")
+    overlays: Annotated[int, Field(ge=0)] = 4
+
+    @field_validator("hard_classes", mode="before")
+    @classmethod
+    def _names_from_a_list(cls, value: Any) -> Any:
+        """A YAML list of names reads naturally; it means the same as names separated by commas."""
+        return ",".join(str(name) for name in value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"Train job scale range {self.scale_min}-{self.scale_max} must be ordered.")
+        if self.val_labels is not None and self.val_images is None:
+            raise ValueError("Train job has val_labels but no val_images.")
+        if self.hard_classes is not None and not self.hard_classes.strip():
+            raise ValueError("Train job hard_classes must be 'auto' or class names.")
+        return self
+
+    def named_hard_classes(self) -> list[str] | None:
+        """The hard classes given by name, or None for 'auto' or no hard classes."""
+        if self.hard_classes is None or self.hard_classes.strip() == AUTO:
+            return None
+        return [name.strip() for name in self.hard_classes.split(",") if name.strip()]
+
+    def resolved_tracking_uri(self) -> str:
+        found = settings.tracking_uri(self.tracking_uri)
+        if found:
+            return found
+        if "://" in self.storage_path and not self.storage_path.startswith("file://"):
+            raise ValueError("Train job needs tracking_uri (or $MLFLOW_TRACKING_URI) when storage_path is remote.")
+        root = os.path.dirname(os.path.abspath(self.storage_path.removeprefix("file://")))
+        return f"sqlite:///{os.path.join(root, 'mlflow.db')}"

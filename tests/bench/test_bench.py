@@ -1,0 +1,59 @@
+"""The throughput benchmark end to end on a handful of images: every program runs and is reported (no timings
+are asserted: the machine is shared)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.throughput import main
+
+
+def test_bench_reports_every_program(dsb2018: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    main(["--dataset", str(dsb2018 / "images"), "--limit", "3", "--size", "64", "--models",
+          "lraspp_mobilenet_v3_large", "--native", "", "--workdir", str(tmp_path / "work"), "--output", str(out),
+          "--dl-workers", "1", "--ray-actors", "1"])
+    report = json.loads(out.read_text())
+    (case,) = report["cases"]
+    results = {r["name"]: r for r in case["results"]}
+    assert set(results) == {"bare_loop", "dataloader", "dataloader[fast path]", "ray_docs", "segmill"}
+    for name, r in results.items():
+        assert "failed" not in r, (name, r.get("failed"))
+        assert r["images"] == 3 and r["images_per_second"] > 0 and r["peak_memory_bytes"] > 0, name
+        assert r["stages"], name
+        # The breakdown at the peak adds up to the peak; the CPU seconds name the processes that used them.
+        assert sum(r["peak_memory_by_process"].values()) == r["peak_memory_bytes"], name
+        assert sum(r["cpu_seconds_by_process"].values()) > 0, name
+        assert 0 <= r["peak_shared_memory_bytes"] <= r["peak_memory_bytes"], name
+        assert max(r["peak_memory_by_quarter_bytes"]) == r["peak_memory_bytes"], name
+    assert any(kind.startswith("ray::MapWorker") for kind in results["segmill"]["cpu_seconds_by_process"])
+    # Same weights, same images: the plain fp32 programs give the bare loop's masks pixel for pixel; with
+    # BatchNorm folded (segmill's default, the fast-path DataLoader) sums change order, so to rounding.
+    for name in ("dataloader", "ray_docs"):
+        assert results[name]["mask_agreement_vs_bare_loop"] == 1.0, name
+    for name in ("dataloader[fast path]", "segmill"):
+        assert results[name]["mask_agreement_vs_bare_loop"] >= 0.9999, name
+    assert set(case["ratios"]) == {"segmill / bare_loop", "segmill / dataloader", "segmill / dataloader[fast path]",
+                                   "segmill / ray_docs"}
+    assert report["cost_model"] and report["cost_model"][0]["bound_by"]
+    assert "segmill / ray_docs" in capsys.readouterr().out
+
+
+def test_repeated_rounds_report_the_median_run_and_keep_every_rate() -> None:
+    from bench.throughput import _median_run
+
+    runs = [{"name": "x", "images_per_second": total, "steady_images_per_second": steady, "peak_memory_bytes": 1}
+            for total, steady in ((5.0, 9.0), (4.0, 7.0), (4.5, 8.0))]
+    median = _median_run(runs)
+    assert (median["images_per_second"], median["steady_images_per_second"]) == (4.5, 8.0)
+    assert [r["steady_images_per_second"] for r in median["runs"]] == [9.0, 7.0, 8.0]
+    assert _median_run([{"name": "x", "failed": ["boom"]}])["failed"] == ["boom"]
+
+
+def test_memory_peaks_by_part_split_the_run_into_equal_spans() -> None:
+    from bench.data import TreeMemory
+
+    memory = TreeMemory(pid=0)
+    memory.timeline = [(0.0, 5), (1.0, 9), (2.5, 4), (3.0, 7), (5.9, 6), (6.5, 3), (8.0, 2)]
+    assert memory.peaks_by_part(4) == [9, 7, 6, 3]  # spans of 2 s; the last sample falls in the last span
+    assert TreeMemory(pid=0).peaks_by_part(4) == []

@@ -1,0 +1,182 @@
+"""The retraining job end to end on real parts: local Ray (2 DDP workers), moto's S3, a real `mlflow server`.
+
+Worker failure is real too: a training worker process is SIGKILLed mid-run and Ray Train must replace it and
+go on from the last checkpoint; a stopped driver's run is continued with `resume`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from segmill.pipeline import SegmentConfig, segment
+from segmill.pipeline.common.model_source import resolve_model
+from segmill.pipeline.common.scenes import SCENE_CLASSES
+from segmill.pipeline.tracking import CHALLENGER, CHAMPION, latest_evaluation
+from segmill.pipeline.train.config import TrainConfig
+from segmill.pipeline.train.driver import RUN_RECORD, train
+
+SEGMILL = str(Path(sys.executable).with_name("segmill"))
+TINY = dict(model="unet", arch_kwargs={"base_channels": 8, "depth": 2}, batch_size=4, crop_size=64, lr=0.05,
+            cpus_per_worker=1.0, val_fraction=0.25)
+
+
+def _upload(fs, local: Path, remote: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file() and not path.name.startswith("_"):
+            fs.put_file(str(path), f"{remote}/{path.relative_to(local)}")
+
+
+def _steps(tracking: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in mlflow.MlflowClient(tracking_uri=tracking).get_metric_history(run_id, key))
+
+
+def test_train_on_s3_tracks_registers_and_promotes_only_when_better(ray_session, s3_server, mlflow_server, train_scenes,
+                                                                    tmp_path):
+    bucket = s3_server.create_bucket("train-job")
+    fs = s3_server.filesystem()
+    _upload(fs, train_scenes, f"{bucket}/scenes")
+    config = TrainConfig(images=f"s3://{bucket}/scenes/images", labels=f"s3://{bucket}/scenes/labels",
+                         classes=f"s3://{bucket}/scenes/classes.yaml", epochs=2, workers=2, hard_classes="pole,sign",
+                         bootstrap_factor=3, register="scenes-s3", storage_path=f"s3://{bucket}/train",
+                         tracking_uri=mlflow_server, endpoint_url=s3_server.endpoint_url, overlays=2, **TINY)
+    first = train(config)
+
+    assert (first.model_version, first.champion, first.decision) == ("1", True, "no champion yet")
+    summary = first.bootstrap
+    assert summary["hard_images"] > 0
+    assert summary["epoch_images"] == summary["images"] + 2 * summary["hard_images"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(first.run_id)
+    assert set(config.to_dict()) <= set(run.data.params)
+    assert run.data.params["hard_classes_resolved"] == "pole,sign"
+    assert run.data.tags["segmill.train_fingerprint"] and run.data.tags["segmill.val_fingerprint"]
+    assert _steps(mlflow_server, first.run_id, "loss") == [0, 1]
+    assert _steps(mlflow_server, first.run_id, "val_miou") == [0, 1]
+    assert any(k.startswith("val_iou.") for k in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"checkpoint", "confusion_matrix.png", "overlays", "bootstrap.json"} <= artifacts
+    assert len(client.list_artifacts(first.run_id, "overlays")) == 2
+    assert any(key.endswith("checkpoint/model.pt") for key in fs.find("mlflow-artifacts"))  # on S3, via the server
+    assert fs.find(f"{bucket}/train/{first.run_name}")  # Ray Train checkpoints on S3 too
+
+    served = resolve_model("models:/scenes-s3@champion", tracking_uri=mlflow_server)
+    assert served.version == "1" and served.spec.classes == SCENE_CLASSES
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server  # the bulk job's actors resolve models:/ through it
+    try:
+        record = segment(SegmentConfig(input=f"s3://{bucket}/scenes/images", output=f"s3://{bucket}/served",
+                                       labels=f"s3://{bucket}/scenes/labels", model="models:/scenes-s3@champion",
+                                       endpoint_url=s3_server.endpoint_url))
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert (record.rows, record.error_rows) == (48, 0)
+
+    second = train(TrainConfig(**{**config.to_dict(), "epochs": 1, "champion_margin": 1.0}))
+    assert (second.model_version, second.champion) == ("2", False)
+    assert second.champion_miou is not None and "does not beat" in second.decision
+    assert client.get_model_version_by_alias("scenes-s3", CHAMPION).version == "1"
+    assert client.get_model_version_by_alias("scenes-s3", CHALLENGER).version == "2"
+    tags = client.get_model_version("scenes-s3", "2").tags
+    assert tags["segmill.decision"] == "challenger" and float(tags["segmill.champion_miou"]) == pytest.approx(
+        second.champion_miou, abs=1e-6)
+    evaluation = latest_evaluation(mlflow_server, "scenes-s3")  # the champion, re-scored on the same val set
+    assert evaluation.dataset == run.data.tags["segmill.val_fingerprint"]
+
+
+def _train_workers() -> list[int]:
+    """PIDs of Ray Train worker processes descended from this test process (read from /proc)."""
+    parents, commands = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                commands[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                pass
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid, command in commands.items() if "RayTrainWorker" in command and descends(pid)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _first_checkpoint(root: Path, timeout: float) -> None:
+    """Wait until Ray Train has committed a checkpoint (its manager's snapshot names one), not just begun writing."""
+    def committed() -> bool:
+        return any("checkpoint_" in p.read_text(errors="replace") for p in root.glob("*/checkpoint_manager_snapshot.json"))
+
+    deadline = time.time() + timeout
+    while not committed():
+        if time.time() > deadline:
+            raise TimeoutError(f"no checkpoint under {root} after {timeout} s")
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_checkpoint(ray_session, train_scenes, tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = tmp_path / "train"
+    config = TrainConfig(images=str(train_scenes / "images"), labels=str(train_scenes / "labels"),
+                         classes=str(train_scenes / "classes.yaml"), epochs=3, workers=2, max_failures=1,
+                         storage_path=str(storage), tracking_uri=tracking, overlays=0, **TINY)
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        _first_checkpoint(storage, timeout=240)
+        victim = _train_workers()[-1]
+        killed.append(victim)
+        os.kill(victim, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    outcome = train(config)
+    killer.join(timeout=5)
+
+    assert killed, "no worker was killed"
+    assert _gone(killed[0])
+    steps = _steps(tracking, outcome.run_id, "loss")
+    assert steps.count(0) == 1, f"epoch 0 ran again: {steps}"  # restarted from the checkpoint, not from scratch
+    assert sorted(set(steps)) == [0, 1, 2]
+
+
+def test_resume_continues_a_stopped_run(train_scenes, tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = tmp_path / "train"
+    args = ["--images", str(train_scenes / "images"), "--labels", str(train_scenes / "labels"),
+            "--classes", str(train_scenes / "classes.yaml"), "--arch-kwargs", '{"base_channels": 8, "depth": 2}',
+            "--epochs", "3", "--batch-size", "4", "--crop-size", "64", "--cpus-per-worker", "1",
+            "--storage", str(storage), "--tracking-uri", tracking, "--run-name", "stopped"]
+    driver = subprocess.Popen([SEGMILL, "train", *args], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _first_checkpoint(storage, timeout=240)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, as a lost machine would
+        driver.wait()
+    assert (storage / "stopped" / RUN_RECORD).exists()
+
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run([SEGMILL, "train", *args, "--resume"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = mlflow.MlflowClient(tracking_uri=tracking).search_runs(
+        [mlflow.MlflowClient(tracking_uri=tracking).get_experiment_by_name("segmill-train").experiment_id])[0].info.run_id
+    steps = _steps(tracking, run_id, "loss")
+    assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1, 2], steps
