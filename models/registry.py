@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 ModelBuilder = Callable[..., "nn.Module"]
-BUILTIN_FAMILIES = ("deeplabv3", "fcn", "mobilenetv3", "segnet", "unet")  # architectures/ modules that register on import
+BUILTIN_FAMILIES = ("deconvnet", "deeplabv3", "fcn", "mobilenetv3", "segnet", "unet")  # architectures/ modules that register on import
 
 _BUILDERS: dict[str, ModelBuilder] = {}
 _PAPERS: dict[str, str] = {}

@@ -96,6 +96,24 @@ def strip_prefix(prefix: str) -> Convert:
     return convert
 
 
+def vgg_classifier_as_conv(backbone: nn.Module) -> Convert:
+    """A `convert` that reshapes VGG16's classifier.0/.3 into the backbone's `fc6` (7x7) and `fc7` (1x1) convolutions,
+    as FCN and DeconvNet initialise them; any other fc6/fc7 tensor the source lacks (a BatchNorm added after them,
+    or weights of another width when `fc_channels` != 4096) keeps the backbone's own initialisation."""
+    own = backbone.state_dict()
+
+    def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        state = dict(state)
+        for key in (k for k in own if k.startswith(("fc6", "fc7")) and k not in state):
+            layer, _, kind = key.partition(".")
+            source = state.get(f"classifier.{0 if layer == 'fc6' else 3}.{kind}") if layer in ("fc6", "fc7") else None
+            fits = source is not None and source.numel() == own[key].numel()
+            state[key] = source.reshape(own[key].shape) if fits else own[key]
+        return state
+
+    return convert
+
+
 def vgg16_features(*, batch_norm: bool = False) -> nn.Sequential:
     """VGG16's 13 conv layers and 5 max-pools, indexed like torchvision's `vgg16[_bn]().features`.
 

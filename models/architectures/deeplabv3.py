@@ -1,7 +1,13 @@
-"""DeepLabv3 (Chen et al. 2017) on dilated ResNets, with multi-grid and ASPP rates under our control.
+"""DeepLabv3 (Chen et al. 2017) on dilated ResNets, with multi-grid, ASPP rates and cascaded blocks under our
+control.
 
 Output stride 16 dilates layer4 (unit rate 2); output stride 8 dilates layer3 and layer4 (unit rate 4) and
 doubles the ASPP rates, as in the paper. Multi-grid sets layer4's three 3x3 convs to unit rate * (1, 2, 4).
+
+Cascaded blocks (the paper's section 3.2, "going deeper with atrous convolution"): `cascade_blocks` copies of
+ResNet's last block (block5, block6, block7) appended after block4, each atrous with the unit rate doubling from
+block to block so that the output stride stays, and multi-grid applied inside each. With `aspp=False` the class
+scores come straight from the last block (a 1x1 convolution), as in the paper's cascade-only models.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.resnet import Bottleneck
 from torchvision.models.segmentation.fcn import FCNHead
 
 from segmill.models.architectures.backbones import resnet_backbone
@@ -19,6 +26,8 @@ from segmill.models.registry import register_model
 _PAPER = "Chen, Papandreou, Schroff, Adam. Rethinking Atrous Convolution for Semantic Image Segmentation. 2017."
 _DILATE = {16: [False, False, True], 8: [False, True, True]}
 _ASPP_RATES_OS16 = (6, 12, 18)
+MAX_CASCADE_BLOCKS = 3  # block5, block6, block7 (the paper's deepest cascade)
+_BLOCK4_CHANNELS, _BLOCK4_WIDTH = 2048, 512
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -67,11 +76,25 @@ class ASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
 
 
-class DeepLabHead(nn.Sequential):
-    """ASPP followed by the 1x1 conv to class scores."""
+def cascade_block(unit_rate: int, multi_grid: Sequence[int]) -> nn.Sequential:
+    """A copy of ResNet's block4 (one Bottleneck per multi-grid entry, 2048 channels in and out, no stride), its
+    3x3 convolutions atrous at unit_rate * grid."""
+    return nn.Sequential(*[Bottleneck(_BLOCK4_CHANNELS, _BLOCK4_WIDTH, dilation=unit_rate * grid)
+                           for grid in multi_grid])
 
-    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int]) -> None:
-        super().__init__(OrderedDict(aspp=ASPP(in_channels, rates), logits=nn.Conv2d(256, num_classes, 1)))
+
+class DeepLabHead(nn.Sequential):
+    """Cascaded blocks (none by default), then ASPP (or nothing) and the 1x1 conv to class scores."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int], *,
+                 cascade: Sequence[nn.Module] = (), aspp: bool = True) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if cascade:
+            layers["cascade"] = nn.Sequential(*cascade)
+        if aspp:
+            layers["aspp"] = ASPP(in_channels, rates)
+        layers["logits"] = nn.Conv2d(256 if aspp else in_channels, num_classes, 1)
+        super().__init__(layers)
 
 
 class DeepLabV3(SegmentationModel):
@@ -84,8 +107,13 @@ class DeepLabV3(SegmentationModel):
         self.output_stride = output_stride
 
     @property
-    def aspp(self) -> ASPP:
-        return self.classifier.aspp
+    def aspp(self) -> ASPP | None:
+        return getattr(self.classifier, "aspp", None)
+
+    @property
+    def cascade(self) -> list[nn.Sequential]:
+        """The cascaded blocks, block5 first (empty without any)."""
+        return list(getattr(self.classifier, "cascade", ()))
 
 
 def apply_multi_grid(layer4: nn.Sequential, unit_rate: int, multi_grid: Sequence[int]) -> None:
@@ -106,17 +134,24 @@ def _deeplabv3_resnet(
     backbone_weights: str | None,
     output_stride: int,
     multi_grid: Sequence[int],
+    cascade_blocks: int,
+    aspp: bool,
 ) -> DeepLabV3:
     if output_stride not in _DILATE:
         raise ValueError(f"Unsupported output_stride {output_stride!r}; use 8 or 16.")
+    if not 0 <= cascade_blocks <= MAX_CASCADE_BLOCKS:
+        raise ValueError(f"cascade_blocks {cascade_blocks!r} must be 0 to {MAX_CASCADE_BLOCKS} (block5 to block7).")
     return_layers = {"layer4": "out", **({"layer3": "aux"} if aux_loss else {})}
     backbone = resnet_backbone(
         depth, backbone_weights, replace_stride_with_dilation=_DILATE[output_stride], return_layers=return_layers
     )
-    apply_multi_grid(backbone.layer4, 32 // output_stride, multi_grid)
+    unit_rate = 32 // output_stride  # block4's
+    apply_multi_grid(backbone.layer4, unit_rate, multi_grid)
+    cascade = [cascade_block(unit_rate * 2 ** (k + 1), multi_grid) for k in range(cascade_blocks)]
     rates = tuple(r * 16 // output_stride for r in _ASPP_RATES_OS16)
     aux_classifier = FCNHead(1024, num_classes) if aux_loss else None
-    return DeepLabV3(backbone, DeepLabHead(2048, num_classes, rates), aux_classifier, output_stride)
+    head = DeepLabHead(_BLOCK4_CHANNELS, num_classes, rates, cascade=cascade, aspp=aspp)
+    return DeepLabV3(backbone, head, aux_classifier, output_stride)
 
 
 @register_model(paper=_PAPER)
@@ -127,8 +162,10 @@ def deeplabv3_resnet50(
     backbone_weights: str | None = None,
     output_stride: int = 16,
     multi_grid: Sequence[int] = (1, 2, 4),
+    cascade_blocks: int = 0,
+    aspp: bool = True,
 ) -> DeepLabV3:
-    """DeepLabv3 on a dilated ResNet-50 (output stride 16 or 8)."""
+    """DeepLabv3 on a dilated ResNet-50 (output stride 16 or 8; 0-3 cascaded blocks, with or without ASPP)."""
     return _deeplabv3_resnet(
         50,
         num_classes=num_classes,
@@ -136,6 +173,8 @@ def deeplabv3_resnet50(
         backbone_weights=backbone_weights,
         output_stride=output_stride,
         multi_grid=multi_grid,
+        cascade_blocks=cascade_blocks,
+        aspp=aspp,
     )
 
 
@@ -147,8 +186,11 @@ def deeplabv3_resnet101(
     backbone_weights: str | None = None,
     output_stride: int = 16,
     multi_grid: Sequence[int] = (1, 2, 4),
+    cascade_blocks: int = 0,
+    aspp: bool = True,
 ) -> DeepLabV3:
-    """DeepLabv3 on a dilated ResNet-101 (output stride 16 or 8), the paper's main model."""
+    """DeepLabv3 on a dilated ResNet-101 (output stride 16 or 8; 0-3 cascaded blocks, with or without ASPP), the
+    paper's main model."""
     return _deeplabv3_resnet(
         101,
         num_classes=num_classes,
@@ -156,4 +198,6 @@ def deeplabv3_resnet101(
         backbone_weights=backbone_weights,
         output_stride=output_stride,
         multi_grid=multi_grid,
+        cascade_blocks=cascade_blocks,
+        aspp=aspp,
     )

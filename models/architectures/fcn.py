@@ -14,10 +14,10 @@ from torchvision.models import VGG16_Weights
 from torchvision.models.segmentation.fcn import FCNHead
 
 from segmill.models.architectures.backbones import (
-    Convert,
     load_backbone_weights,
     resnet_backbone,
     vgg16_features,
+    vgg_classifier_as_conv,
 )
 from segmill.models.architectures.base import SegmentationModel
 from segmill.models.registry import register_model
@@ -74,27 +74,6 @@ class VGG16Backbone(nn.Module):
         return out
 
 
-def _classifier_as_conv(backbone: VGG16Backbone) -> Convert:
-    """Reshape VGG16's classifier.0/.3 into fc6 (7x7) and fc7 (1x1), as the paper does.
-
-    When the widths differ (`fc_channels` != 4096) fc6/fc7 keep their random initialisation.
-    """
-    own = backbone.state_dict()
-
-    def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
-        state = dict(state)
-        for fc, index in (("fc6", 0), ("fc7", 3)):
-            for kind in ("weight", "bias"):
-                key, source = f"{fc}.{kind}", state.get(f"classifier.{index}.{kind}")
-                if key in state:
-                    continue
-                fits = source is not None and source.numel() == own[key].numel()
-                state[key] = source.reshape(own[key].shape) if fits else own[key]
-        return state
-
-    return convert
-
-
 class FCNVGG16(nn.Module):
     """FCN on VGG16: score fc7, then for each skip upsample 2x (bilinear init) and add that pool's scores."""
 
@@ -127,7 +106,7 @@ def _fcn_vgg16(
     skips: tuple[str, ...], *, num_classes: int, backbone_weights: str | None, fc_channels: int
 ) -> FCNVGG16:
     backbone = VGG16Backbone(fc_channels)
-    load_backbone_weights(backbone, backbone_weights, VGG16_Weights, convert=_classifier_as_conv(backbone))
+    load_backbone_weights(backbone, backbone_weights, VGG16_Weights, convert=vgg_classifier_as_conv(backbone))
     return FCNVGG16(backbone, num_classes, skips)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.models import (
     MobileNet_V3_Large_Weights,
     ResNet50_Weights,
+    VGG16_BN_Weights,
     VGG16_Weights,
     mobilenet_v3_large,
 )
@@ -25,6 +26,7 @@ SMALL = {
     "unet": {"base_channels": 8, "depth": 2},
     "fcn8s_vgg16": {"fc_channels": 64},
     "segnet_vgg16": {},
+    "deconvnet_vgg16": {"fc_channels": 64},
     "fcn_resnet50": {},
     "lraspp_mobilenet_v3_large": {},
 }
@@ -105,6 +107,25 @@ def test_vgg_classifier_becomes_fc6_fc7(fake_download) -> None:
     del model
     narrow = get_model("fcn32s_vgg16", num_classes=3, fc_channels=64, backbone_weights="IMAGENET1K_V1")
     assert torch.equal(narrow.backbone.features[0].weight, features["0.weight"])  # fc6/fc7 stay random
+
+
+def test_deconvnet_takes_vgg16_bn_with_its_classifier_as_fc6_fc7(fake_download) -> None:
+    """The encoder and fc6/fc7 come from VGG16-BN (the paper's VGG16, with BatchNorm); the BatchNorms after fc6 and
+    fc7, which VGG16-BN lacks, keep their initialisation."""
+    torch.manual_seed(2)
+    features = vgg16_features(batch_norm=True).state_dict()
+    fc6, fc7 = torch.randn(4096, 25088), torch.randn(4096, 4096)
+    fake_download[VGG16_BN_Weights.IMAGENET1K_V1.url] = {
+        **{f"features.{k}": v for k, v in features.items()},
+        "classifier.0.weight": fc6, "classifier.0.bias": torch.ones(4096),
+        "classifier.3.weight": fc7, "classifier.3.bias": torch.zeros(4096),
+        "classifier.6.weight": torch.zeros(1000, 4096), "classifier.6.bias": torch.zeros(1000),
+    }
+    model = get_model("deconvnet_vgg16", num_classes=3, backbone_weights="IMAGENET1K_V1")
+    assert_same_tensors({k: v for k, v in model.backbone.features.state_dict().items()}, features)
+    assert torch.equal(model.backbone.fc6.weight, fc6.view(4096, 512, 7, 7))
+    assert torch.equal(model.backbone.fc7.weight[:, :, 0, 0], fc7)
+    assert torch.equal(model.backbone.fc6_bn.weight, torch.ones(4096)), "fc6's BatchNorm keeps its initialisation"
 
 
 @pytest.mark.parametrize(

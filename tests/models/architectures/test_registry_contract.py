@@ -41,7 +41,8 @@ def built(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
 
 
 def test_registry_lists_every_family() -> None:
-    for family in ("fcn32s_", "fcn16s_", "fcn8s_", "fcn_resnet", "segnet_", "unet", "deeplabv3_resnet", "lraspp_"):
+    for family in ("fcn32s_", "fcn16s_", "fcn8s_", "fcn_resnet", "segnet_", "deconvnet_", "unet", "deeplabv3_resnet",
+                   "lraspp_"):
         assert any(n.startswith(family) for n in NAMES), family
 
 
