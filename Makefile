@@ -6,7 +6,7 @@ STAMP := $(VENV)/.segmill-installed
 STATE ?= .segmill
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-gpu bench experiment venv clean
+.PHONY: run test test-slow test-gpu bench bench-train experiment venv clean
 
 venv: $(STAMP)
 
@@ -38,11 +38,16 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m bench.throughput $(BENCH_ARGS)
 
-# Hard-class bootstrapping measured: the same U-Net trained without and with it through the retraining job,
-# per-class IoU side by side on held-out scenes (about 10 minutes on 2 cores; options: --help).
+# Training throughput: the retraining job against a plain PyTorch loop of the same model and recipe, side by side.
+BENCH_TRAIN_ARGS ?=
+bench-train: $(STAMP)
+	$(PY) -m bench.training $(BENCH_TRAIN_ARGS)
+
+# Hard-class training measured on CamVid (../shared/datasets/camvid): every method against the baseline at equal
+# samples, two seeds, through the retraining job (hours on 2 cores; options: `$(PY) -m bench.hard_classes --help`).
 EXPERIMENT_ARGS ?=
 experiment: $(STAMP)
-	$(PY) -m bench.bootstrap_experiment $(EXPERIMENT_ARGS)
+	$(PY) -m bench.hard_classes $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(STATE) .pytest_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")  # models/training.py builds them
 
 
 @dataclass(frozen=True)

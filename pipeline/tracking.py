@@ -36,6 +36,7 @@ class Evaluation:
     run_id: str
     dataset: str | None  # fingerprint or URI of the evaluated set
     timestamp_ms: int
+    kind: str = "evaluation"  # or "training validation": the version's own run, when it has no evaluation yet
 
 
 def client(tracking_uri: str):
@@ -107,19 +108,19 @@ def latest_evaluation(tracking_uri: str, name: str, alias: str = CHAMPION) -> Ev
                              filter_string=f"tags.`{MODEL_NAME_TAG}` = '{name}' and "
                                            f"tags.`{MODEL_VERSION_TAG}` = '{version.version}'")
         if runs:
-            return _evaluation(runs[0], "miou", "iou.")
+            return _evaluation(runs[0], "miou", "iou.", "evaluation")
     if version.run_id:
-        return _evaluation(c.get_run(version.run_id), "val_miou", "val_iou.")
+        return _evaluation(c.get_run(version.run_id), "val_miou", "val_iou.", "training validation")
     return None
 
 
-def _evaluation(run: Any, miou_key: str, iou_prefix: str) -> Evaluation | None:
+def _evaluation(run: Any, miou_key: str, iou_prefix: str, kind: str) -> Evaluation | None:
     metrics = run.data.metrics
     if miou_key not in metrics:
         return None
     iou = {k[len(iou_prefix):]: v for k, v in metrics.items() if k.startswith(iou_prefix)}
     dataset = run.data.tags.get("segmill.dataset") or run.data.tags.get("segmill.val_fingerprint")
-    return Evaluation(metrics[miou_key], iou, run.info.run_id, dataset, run.info.end_time or run.info.start_time)
+    return Evaluation(metrics[miou_key], iou, run.info.run_id, dataset, run.info.end_time or run.info.start_time, kind)
 
 
 def alias_version(tracking_uri: str, name: str, alias: str):

@@ -30,16 +30,27 @@ def train(
     epochs: Optional[int] = typer.Option(None, help=_help("epochs")),
     batch_size: Optional[int] = typer.Option(None, help=_help("batch_size")),
     crop_size: Optional[int] = typer.Option(None, help=_help("crop_size")),
+    optimizer: Optional[str] = typer.Option(None, help=_help("optimizer")),
     lr: Optional[float] = typer.Option(None, help=_help("lr")),
+    scale_min: Optional[float] = typer.Option(None, help=_help("scale_min")),
+    scale_max: Optional[float] = typer.Option(None, help=_help("scale_max")),
+    precision: Optional[str] = typer.Option(None, help=_help("precision")),
     ohem_fraction: Optional[float] = typer.Option(None, help=_help("ohem_fraction")),
+    class_weighting: Optional[str] = typer.Option(None, help=_help("class_weighting")),
     val_images: Optional[str] = typer.Option(None, help=_help("val_images")),
     val_labels: Optional[str] = typer.Option(None, help=_help("val_labels")),
+    val_every: Optional[int] = typer.Option(None, help=_help("val_every")),
     hard_classes: Optional[str] = typer.Option(None, help=_help("hard_classes")),
+    hard_class_count: Optional[int] = typer.Option(None, help=_help("hard_class_count")),
     hard_classes_from: Optional[str] = typer.Option(None, help=_help("hard_classes_from")),
+    sampling: Optional[str] = typer.Option(None, help=_help("sampling")),
+    sampling_temperature: Optional[float] = typer.Option(None, help=_help("sampling_temperature")),
     bootstrap_factor: Optional[int] = typer.Option(None, help=_help("bootstrap_factor")),
+    hard_crop_share: Optional[float] = typer.Option(None, help=_help("hard_crop_share")),
     workers: Optional[int] = typer.Option(None, help=_help("workers")),
     gpus: Optional[bool] = typer.Option(None, "--gpus/--no-gpus", help=_help("use_gpu")),
     cpus_per_worker: Optional[float] = typer.Option(None, help=_help("cpus_per_worker")),
+    torch_threads: Optional[int] = typer.Option(None, help=_help("torch_threads")),
     register_as: Optional[str] = typer.Option(None, "--register", help=_help("register")),
     champion_margin: Optional[float] = typer.Option(None, help=_help("champion_margin")),
     storage_path: Optional[str] = typer.Option(None, "--storage", help=_help("storage_path")),
@@ -58,10 +69,15 @@ def train(
             raise ValueError(f"--arch-kwargs {arch_kwargs!r} is not JSON, e.g. '{{\"depth\": 3}}'.") from None
         values = given(images=images, labels=labels, classes=classes, model=model, arch_kwargs=kwargs,
                        init_from=init_from, backbone_weights=backbone_weights, freeze_backbone=freeze_backbone,
-                       epochs=epochs, batch_size=batch_size, crop_size=crop_size, lr=lr, ohem_fraction=ohem_fraction,
-                       val_images=val_images, val_labels=val_labels, hard_classes=hard_classes,
-                       hard_classes_from=hard_classes_from, bootstrap_factor=bootstrap_factor, workers=workers,
-                       use_gpu=gpus, cpus_per_worker=cpus_per_worker, register=register_as,
+                       epochs=epochs, batch_size=batch_size, crop_size=crop_size, optimizer=optimizer, lr=lr,
+                       scale_min=scale_min, scale_max=scale_max, precision=precision, ohem_fraction=ohem_fraction,
+                       class_weighting=class_weighting, val_images=val_images, val_labels=val_labels,
+                       val_every=val_every,
+                       hard_classes=hard_classes, hard_class_count=hard_class_count,
+                       hard_classes_from=hard_classes_from, sampling=sampling,
+                       sampling_temperature=sampling_temperature, bootstrap_factor=bootstrap_factor,
+                       hard_crop_share=hard_crop_share, workers=workers, use_gpu=gpus,
+                       cpus_per_worker=cpus_per_worker, torch_threads=torch_threads, register=register_as,
                        champion_margin=champion_margin, storage_path=storage_path, run_name=run_name, resume=resume,
                        tracking_uri=tracking_uri, ray_address=address, endpoint_url=endpoint_url, seed=seed)
         cfg = TrainConfig.from_yaml(str(config), values) if config else TrainConfig.from_dict(values, "command line")
@@ -70,10 +86,16 @@ def train(
         )
 
         outcome = run_training(cfg)
-    console.print(f"run {outcome.run_name} (MLflow {outcome.run_id}): val mIoU {outcome.val_miou:.4f}")
+    plan = outcome.bootstrap
+    console.print(f"run {outcome.run_name} (MLflow {outcome.run_id}): val mIoU {outcome.val_miou:.4f} "
+                  f"(best epoch, {outcome.best_epoch})")
     console.print("  per-class IoU: " + ", ".join(f"{k} {v:.3f}" for k, v in outcome.val_iou.items()))
-    console.print(f"  hard classes {outcome.hard_classes or '-'}; images per epoch {outcome.bootstrap['epoch_images']} "
-                  f"(hard-class share {outcome.bootstrap['hard_share_before']:.2f} -> {outcome.bootstrap['hard_share_after']:.2f})")
+    console.print(f"  hard classes {outcome.hard_classes or '-'}; sampling {plan['sampling']}, images per epoch "
+                  f"{plan['epoch_images']} (hard-class share {plan['hard_share_before']:.2f} -> "
+                  f"{plan['hard_share_after']:.2f}), hard-class crops planned {plan['hard_crops_planned']:.2f}")
+    if not outcome.model_version:
+        console.print(f"  model (best epoch): {outcome.checkpoint_uri} (a Ray Train checkpoint; --register NAME "
+                      "makes it a model version)")
     if outcome.model_version:
         role = "champion" if outcome.champion else "challenger"
         console.print(f"  registered {outcome.model_name} version {outcome.model_version} as {role}: {outcome.decision}")

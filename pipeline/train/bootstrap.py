@@ -1,22 +1,22 @@
-"""Hard-class bootstrapping (DeepLabv3): images holding the classes the model is worst at recur in training.
+"""The class index of a labelled set and the choice of its hard classes (the ones the model is worst at).
 
-Three parts, independent of Ray Train:
+Two parts, independent of Ray Train (what training then does with them is in sampling.py):
 
 - `class_presence_index`: which classes each label holds (and how many pixels of each), cached as one small
   Parquet file and refreshed per label when the label file changes (size + mtime/ETag, read from listings).
 - `hard_classes_from_iou` / `hard_classes_from_results`: the lowest-IoU classes, from an IoU dict or from the
   summed counts of a bulk job's results table.
-- `bootstrapped_epoch` / `bootstrap_summary`: the rows of one epoch and the figures to log.
 
 Bad labels are rows too, as in the results table: `status="error"` with a one-sentence `error`, empty
 `present`/`pixels`; they are kept in the index (and the cache, so they are not re-read) and left out of epochs.
 """
 from __future__ import annotations
 
+import logging
 import math
 import posixpath
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -30,6 +30,7 @@ from segmill.pipeline.bulk.rows import ERROR, OK
 from segmill.pipeline.common.decode import DecodeError, label_class_pixels, read_bytes
 from segmill.pipeline.common.storage import join_uri, open_fs, protocol_of, redact
 
+log = logging.getLogger(__name__)
 PRESENCE_INDEX_NAME = "_class_presence.parquet"  # `_`: ignored by label listings and Parquet readers
 _FINGERPRINT_KEYS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "mtime_ns")
 
@@ -142,61 +143,34 @@ def _write_cache(table: pa.Table, cache_uri: str, endpoint_url: str | None, num_
 
 
 def hard_classes_from_iou(per_class_iou: dict[str, float | None], k: int | None = 2, *,
-                          threshold: float | None = None) -> list[str]:
-    """The `k` lowest-IoU classes, lowest first (ties keep the dict's order); undefined (None/NaN) are skipped.
+                          threshold: float | None = None, tie_break: dict[str, float] | None = None) -> list[str]:
+    """The `k` lowest-IoU classes, lowest first; undefined (None/NaN) are skipped.
 
+    Classes of equal IoU are ordered by `tie_break` (lowest first; segmill passes each class's share of the
+    training pixels, so the rarest of a tie is taken), else by the dict's order; a tie cut by `k` is logged.
     With `threshold`, only classes below it, and at most `k` of them (`k=None`: all below it).
     """
     if k is None and threshold is None:
         raise ValueError("Give k, threshold or both to choose hard classes.")
     if k is not None and k < 0:
         raise ValueError(f"k must be 0 or more, got {k}.")
+    order = {name: i for i, name in enumerate(per_class_iou)}
     defined = [(name, float(v)) for name, v in per_class_iou.items() if v is not None and not math.isnan(float(v))]
-    ranked = sorted(defined, key=lambda item: item[1])
+    ranked = sorted(defined, key=lambda item: (item[1], (tie_break or {}).get(item[0], 0.0), order[item[0]]))
     if threshold is not None:
         ranked = [item for item in ranked if item[1] < threshold]
-    return [name for name, _ in ranked[:k]]
+    chosen = [name for name, _ in ranked[:k]]
+    if k is not None and 0 < k < len(ranked) and ranked[k - 1][1] == ranked[k][1]:
+        tied = [name for name, value in ranked if value == ranked[k - 1][1]]
+        log.warning("hard classes: %s tie at IoU %.4f; took %s (%s)", ", ".join(tied), ranked[k - 1][1],
+                    ", ".join(name for name in chosen if name in tied),
+                    "the rarest in training pixels" if tie_break else "the first in the class file")
+    return chosen
 
 
 def hard_classes_from_results(results_uri: str, classes: Sequence[str], k: int | None = 2, *,
-                              threshold: float | None = None, endpoint_url: str | None = None) -> list[str]:
+                              threshold: float | None = None, endpoint_url: str | None = None,
+                              tie_break: dict[str, float] | None = None) -> list[str]:
     """The lowest-IoU classes of a bulk job's results table made with labels (see `hard_classes_from_iou`)."""
     iou = dataset_iou(results_uri, classes, endpoint_url=endpoint_url)
-    return hard_classes_from_iou(iou, k, threshold=threshold)
-
-
-def _usable_and_hard(index: pa.Table, hard_class_ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions with status ok, and for each of them whether it holds any hard class."""
-    usable = np.flatnonzero(pc.fill_null(pc.equal(index["status"], OK), False).to_numpy())
-    lists = index["present"].combine_chunks()  # parent indices are per chunk otherwise
-    present = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-    hits = np.isin(present, np.fromiter(hard_class_ids, dtype=np.int64))
-    hard_rows = np.zeros(index.num_rows, dtype=bool)
-    hard_rows[parents[hits]] = True
-    return usable, hard_rows[usable]
-
-
-def bootstrapped_epoch(index: pa.Table, hard_class_ids: Iterable[int], factor: int) -> list[int]:
-    """Row positions of `index` for one epoch: each usable row once, rows with a hard class `factor` times in all.
-
-    Error rows are left out; the order is the index's (the training stream reshuffles every epoch). Use
-    `index.take(rows)` for the rows themselves.
-    """
-    if factor < 1:
-        raise ValueError(f"The bootstrap factor must be 1 or more, got {factor}.")
-    usable, hard = _usable_and_hard(index, hard_class_ids)
-    return np.repeat(usable, np.where(hard, factor, 1)).tolist()
-
-
-def bootstrap_summary(index: pa.Table, hard_class_ids: Iterable[int], factor: int) -> dict[str, float | int]:
-    """Figures to log: images before/after, hard-class images and their share before/after, skipped labels."""
-    usable, hard = _usable_and_hard(index, hard_class_ids)
-    images, hard_images = len(usable), int(hard.sum())
-    epoch_images = images + (factor - 1) * hard_images
-    return {
-        "images": images, "hard_images": hard_images, "factor": factor, "epoch_images": epoch_images,
-        "hard_share_before": hard_images / images if images else 0.0,
-        "hard_share_after": factor * hard_images / epoch_images if epoch_images else 0.0,
-        "skipped_labels": index.num_rows - images,
-    }
+    return hard_classes_from_iou(iou, k, threshold=threshold, tie_break=tie_break)

@@ -141,38 +141,48 @@ def read_pair(image_uri: str, label_uri: str, num_classes: int, ignore_index: in
 
 def decode_and_augment(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index: int, crop: int,
                        scale_range: tuple[float, float], endpoint_url: str | None) -> dict[str, np.ndarray]:
-    """Ray Data stage: read a batch of pairs, then random scale, crop and flip to `crop` x `crop` uint8 arrays.
+    """Ray Data stage: read a batch of planned pairs (sampling.PLAN_SCHEMA), then random scale, crop and flip each
+    to `crop` x `crop` uint8 arrays, the crop placed on a pixel of the row's `crop_class` where it has one.
 
-    A pair that fails to decode (e.g. a label of the wrong size) is logged and dropped: one bad pair costs one
-    sample, not the epoch. The training loop counts what arrived against what was planned.
+    Each row's augmentation is drawn from its own `seed`, so a plan gives the same crops wherever it runs. A pair
+    that fails to decode (e.g. a label of the wrong size) is logged and becomes an all-ignore crop (`valid` false):
+    it costs one sample and no gradient, and every worker still takes the same number of steps.
     """
-    generator = torch.Generator().manual_seed(int.from_bytes(np.random.bytes(7), "little"))  # fresh per batch
-    images, masks = [], []
-    for image_uri, label_uri in zip(batch["image_uri"], batch["label_uri"]):
+    images, masks, valid = [], [], []
+    mask_dtype = np.uint8 if ignore_index <= 255 else np.int32
+    for image_uri, label_uri, crop_class, seed in zip(batch["image_uri"], batch["label_uri"], batch["crop_class"],
+                                                      batch["seed"]):
         try:
             image, label = read_pair(image_uri, label_uri, num_classes, ignore_index, endpoint_url)
         except DecodeError as exc:
             log.warning("skipping training pair: %s", exc)
+            images.append(np.zeros((crop, crop, 3), np.uint8))
+            masks.append(np.full((crop, crop), ignore_index, mask_dtype))
+            valid.append(False)
             continue
-        tensor = torch.from_numpy(image).permute(2, 0, 1).float()
-        tensor, mask = random_scale_crop_flip(tensor, torch.from_numpy(label).long(), crop, generator=generator,
-                                              scale_range=scale_range, ignore_index=ignore_index)
+        generator = torch.Generator().manual_seed(int(seed))
+        tensor, mask = random_scale_crop_flip(torch.from_numpy(image).permute(2, 0, 1).float(),
+                                              torch.from_numpy(label).long(), crop, generator=generator,
+                                              scale_range=scale_range, ignore_index=ignore_index,
+                                              focus_class=int(crop_class) if crop_class >= 0 else None)
         images.append(tensor.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
-        masks.append(mask.to(torch.uint8 if ignore_index <= 255 else torch.int32).numpy())
-    if not images:
-        return {"image": np.zeros((0, crop, crop, 3), np.uint8), "mask": np.zeros((0, crop, crop), np.uint8)}
-    return {"image": np.stack(images), "mask": np.stack(masks)}
+        masks.append(mask.numpy().astype(mask_dtype))
+        valid.append(True)
+    return {"image": np.stack(images), "mask": np.stack(masks), "valid": np.array(valid, dtype=bool)}
 
 
-def training_dataset(rows: pa.Table, num_classes: int, ignore_index: int, crop: int,
-                     scale_range: tuple[float, float], endpoint_url: str | None, *, blocks: int):
-    """One epoch's pairs (bootstrapped rows), reshuffled (unseeded) every time the stream is read, then decoded and
-    augmented in Ray tasks."""
+def epoch_dataset(plan: pa.Table, *, num_classes: int, ignore_index: int, crop: int,
+                  scale_range: tuple[float, float], endpoint_url: str | None, decode_cpus: float,
+                  rows_per_block: int = 16):
+    """One worker's share of an epoch plan as a Ray Data stream, decoded and augmented in Ray tasks, in the plan's
+    order (so that a seed gives the same batches)."""
     import ray.data
 
-    return (ray.data.from_arrow(rows.select(["image_uri", "label_uri"]))
-            .random_shuffle()
-            .repartition(blocks)
-            .map_batches(decode_and_augment, batch_size=8, num_cpus=0.5,
-                         fn_kwargs=dict(num_classes=num_classes, ignore_index=ignore_index, crop=crop,
-                                        scale_range=scale_range, endpoint_url=endpoint_url)))
+    context = ray.data.DataContext.get_current().copy()
+    context.execution_options.preserve_order = True
+    blocks = [plan.slice(start, rows_per_block) for start in range(0, plan.num_rows, rows_per_block)]
+    with ray.data.DataContext.current(context):
+        return ray.data.from_arrow(blocks).map_batches(
+            decode_and_augment, batch_size=rows_per_block, num_cpus=decode_cpus,
+            fn_kwargs=dict(num_classes=num_classes, ignore_index=ignore_index, crop=crop, scale_range=scale_range,
+                           endpoint_url=endpoint_url))

@@ -10,68 +10,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
-
-import torch
 
 from segmill.models.allocator import ONE_ARENA_ENV
-from segmill.models.checkpoint import ModelSpec, load_checkpoint
-from segmill.models.metrics import SegmentationMetrics
+from segmill.models.checkpoint import ModelSpec
 from segmill.models.registry import list_models
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.classes import load_class_file
 from segmill.pipeline.common.model_source import resolve_model
 from segmill.pipeline.common.runtime import ensure_ray
-from segmill.pipeline.common.storage import (
-    arrow_filesystem,
-    join_uri,
-    open_fs,
-    protocol_of,
-    redact,
-)
-from segmill.pipeline.tracking import (
-    check_reachable,
-    client,
-    current_champion,
-    decide,
-    experiment_id,
-    latest_evaluation,
-    log_evaluation,
-    register_version,
-)
-from segmill.pipeline.train.bootstrap import (
-    bootstrap_summary,
-    bootstrapped_epoch,
-    hard_classes_from_iou,
-    hard_classes_from_results,
-)
+from segmill.pipeline.common.storage import arrow_filesystem, join_uri, open_fs, protocol_of, redact
+from segmill.pipeline.tracking import check_reachable, client, experiment_id, latest_evaluation
+from segmill.pipeline.train.bootstrap import hard_classes_from_iou, hard_classes_from_results
 from segmill.pipeline.train.config import AUTO, TrainConfig
-from segmill.pipeline.train.data import LabelledSet, load_sets, training_dataset
-from segmill.pipeline.train.loop import load_saved_model, train_loop_per_worker
-from segmill.pipeline.train.report import confusion_png, overlay_pngs
-from segmill.pipeline.train.validate import confusion_on_pairs, epoch_metrics
+from segmill.pipeline.train.data import LabelledSet, load_sets
+from segmill.pipeline.train.finish import TrainOutcome, finish_run, log_run_start
+from segmill.pipeline.train.loop import LoopConfig, train_loop_per_worker
+from segmill.pipeline.train.sampling import choose_sampling, class_stats, class_weights, plan_summary
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "segmill-run.json"
-
-
-@dataclass
-class TrainOutcome:
-    run_id: str
-    run_name: str
-    val_miou: float
-    val_iou: dict[str, float]
-    checkpoint_uri: str
-    hard_classes: list[str]
-    bootstrap: dict[str, float | int]
-    model_name: str | None = None
-    model_version: str | None = None
-    champion: bool = False
-    decision: str = ""
-    champion_miou: float | None = None
-    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def train(config: TrainConfig) -> TrainOutcome:
@@ -80,7 +38,7 @@ def train(config: TrainConfig) -> TrainOutcome:
     classes = load_class_file(config.classes, endpoint_url=config.endpoint_url)
     if config.model not in list_models():
         raise ValueError(f"Model {config.model!r} is not a segmill architecture; choose one of {list_models()}.")
-    spec = ModelSpec(arch=config.model, classes=classes.names, arch_kwargs=config.arch_kwargs,
+    spec = ModelSpec(arch=config.model, classes=classes.names, arch_kwargs=config.model_arguments(),
                      palette=classes.palette, ignore_index=classes.ignore_index)
     spec.build()  # bad arch_kwargs fail here, in one sentence from the builder, not on every worker
     init = resolve_model(config.init_from, endpoint_url=config.endpoint_url, tracking_uri=tracking_uri).checkpoint \
@@ -89,12 +47,21 @@ def train(config: TrainConfig) -> TrainOutcome:
                                    config.val_fraction, len(classes.names), endpoint_url=config.endpoint_url,
                                    ignore_index=classes.ignore_index)
     skipped = _report_skipped(train_set, val_set)
-    hard, hard_source = resolve_hard_classes(config, classes.names, tracking_uri)
+    stats = class_stats(train_set.index, len(classes.names))
+    hard, hard_source = resolve_hard_classes(config, classes.names, tracking_uri,
+                                             tie_break=dict(zip(classes.names, stats.frequency.tolist())))
     hard_ids = [classes.names.index(name) for name in hard]
-    factor = config.bootstrap_factor if hard else 1
-    epoch_rows = train_set.index.take(bootstrapped_epoch(train_set.index, hard_ids, factor))
-    summary = bootstrap_summary(train_set.index, hard_ids, factor)
-    log.info("hard classes %s (%s), factor %d: %s", hard, hard_source, factor, summary)
+    sampling, why = choose_sampling(config.sampling, stats, hard_ids)
+    if sampling != config.sampling and hard:
+        log.warning("sampling %s: %s", sampling, why)
+    weights = class_weights(stats, config.class_weighting)
+    summary = plan_summary(stats, hard_ids, classes.names, sampling=sampling, factor=config.bootstrap_factor,
+                           hard_crop_share=config.hard_crop_share, temperature=config.sampling_temperature,
+                           seed=config.seed, weights=weights)
+    log.info("hard classes %s (%s); %s", hard, hard_source, summary)
+    if hard and summary["hard_crops_planned"] < config.hard_crop_share - 0.01:
+        log.warning("only %.2f of an epoch's images hold a hard class, so %.2f of its crops (not %.2f) are placed "
+                    "on one", summary["hard_share_after"], summary["hard_crops_planned"], config.hard_crop_share)
 
     ensure_ray(config.ray_address)
     import ray
@@ -103,27 +70,30 @@ def train(config: TrainConfig) -> TrainOutcome:
 
     run_name, run_id = _open_run(config, tracking_uri)
     if not config.resume:
-        _log_params(tracking_uri, run_id, config, hard, hard_source, factor, summary, skipped, train_set, val_set)
-    use_gpu = bool(ray.cluster_resources().get("GPU")) if config.use_gpu is None else config.use_gpu
-    _check_cpus_left_for_decoding(config, ray.cluster_resources().get("CPU", 0))
+        log_run_start(tracking_uri, run_id, config, hard, hard_source, summary, skipped, train_set, val_set)
+    cluster = ray.cluster_resources()
+    use_gpu = bool(cluster.get("GPU")) if config.use_gpu is None else config.use_gpu
+    threads, cpus_per_worker = _worker_cpus(config, cluster.get("CPU", 1), use_gpu)
+    _check_cpus_left_for_decoding(config, cpus_per_worker, cluster.get("CPU", 0))
     val_usable = val_set.usable
-    loop_config = {
-        "spec": spec.to_dict(), "seed": config.seed, "backbone_weights": config.backbone_weights,
-        "init_checkpoint": init, "freeze_backbone": config.freeze_backbone, "backbone_lr_mult": config.backbone_lr_mult,
-        "lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay, "epochs": config.epochs,
-        "batch_size": config.batch_size, "epoch_images": summary["epoch_images"], "ohem_fraction": config.ohem_fraction,
-        "torch_threads": max(1, int(config.cpus_per_worker)), "endpoint_url": config.endpoint_url,
-        "val_pairs": list(zip(val_usable["image_uri"].to_pylist(), val_usable["label_uri"].to_pylist())),
-        "tracking_uri": tracking_uri, "run_id": run_id,
-    }
+    loop = LoopConfig(
+        spec=spec.to_dict(), index=ray.put(train_set.index), hard_ids=hard_ids, sampling=sampling,
+        bootstrap_factor=config.bootstrap_factor, hard_crop_share=config.hard_crop_share if hard else 0.0,
+        sampling_temperature=config.sampling_temperature, class_weights=None if weights is None else weights.tolist(),
+        seed=config.seed, epochs=config.epochs, batch_size=config.batch_size, crop_size=config.crop_size,
+        scale_range=(config.scale_min, config.scale_max), optimizer=config.optimizer, lr=config.lr,
+        momentum=config.momentum, weight_decay=config.weight_decay, backbone_lr_mult=config.backbone_lr_mult,
+        ohem_fraction=config.ohem_fraction, precision=config.precision, channels_last=config.channels_last,
+        torch_threads=threads,
+        decode_cpus=config.decode_cpus,
+        val_pairs=list(zip(val_usable["image_uri"].to_pylist(), val_usable["label_uri"].to_pylist())),
+        val_every=config.val_every, tracking_uri=tracking_uri, run_id=run_id, endpoint_url=config.endpoint_url,
+        backbone_weights=config.backbone_weights, init_checkpoint=init, freeze_backbone=config.freeze_backbone)
     storage_filesystem, storage_path = _storage(config)
-    dataset = training_dataset(epoch_rows, len(classes.names), classes.ignore_index, config.crop_size,
-                               (config.scale_min, config.scale_max), config.endpoint_url,
-                               blocks=max(config.workers * 2, min(64, epoch_rows.num_rows // 16)))
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, datasets={"train": dataset},
+        train_loop_per_worker, train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -137,13 +107,28 @@ def train(config: TrainConfig) -> TrainOutcome:
         client(tracking_uri).set_terminated(run_id, status="FAILED")
         raise
     log.info("training finished in %.0f s", time.time() - started)
-    return _finish(config, tracking_uri, run_name, run_id, spec, result, val_set, hard, summary, skipped)
+    outcome = TrainOutcome(run_id, run_name, float("nan"), {}, result.checkpoint.path, hard, summary, skipped=skipped)
+    return finish_run(config, tracking_uri, outcome, spec, result, val_set)
 
 
-def resolve_hard_classes(config: TrainConfig, class_names: tuple[str, ...], tracking_uri: str) -> tuple[list[str], str]:
-    """The hard classes and where they came from: named, a results table, the champion's evaluation, or none."""
+def _worker_cpus(config: TrainConfig, cluster_cpus: float, use_gpu: bool) -> tuple[int, float]:
+    """(torch threads, CPUs reserved) per worker: as given, else the cluster's CPUs per worker (at most 4 threads,
+    and no more than this machine's cores when Ray runs here) reserving half of them, as the bulk job's actors do,
+    so that the decode tasks have the rest."""
+    available = cluster_cpus / config.workers
+    if settings.ray_address(config.ray_address) is None:
+        available = min(available, os.cpu_count() or 1)
+    threads = config.torch_threads or max(1, min(4, int(available)))
+    reserved = config.cpus_per_worker or (1.0 if use_gpu else max(0.5, threads / 2))
+    return threads, reserved
+
+
+def resolve_hard_classes(config: TrainConfig, class_names: tuple[str, ...], tracking_uri: str,
+                         tie_break: dict[str, float] | None = None) -> tuple[list[str], str]:
+    """The hard classes and where they came from: named, a results table, the champion's evaluation, or none.
+    Classes tied at the cut are taken by `tie_break` (lowest first: the training set's pixel shares), and said."""
     if config.hard_classes is None:
-        return [], "bootstrapping off"
+        return [], "no hard classes"
     named = config.named_hard_classes()
     if named is not None:
         unknown = [name for name in named if name not in class_names]
@@ -151,15 +136,17 @@ def resolve_hard_classes(config: TrainConfig, class_names: tuple[str, ...], trac
             raise ValueError(f"Hard classes {unknown} are not in the class file; its classes are {list(class_names)}.")
         return named, "named"
     if config.hard_classes_from:
-        return hard_classes_from_results(config.hard_classes_from, class_names, config.hard_class_count,
-                                         endpoint_url=config.endpoint_url), f"results {redact(config.hard_classes_from)}"
+        hard = hard_classes_from_results(config.hard_classes_from, class_names, config.hard_class_count,
+                                         endpoint_url=config.endpoint_url, tie_break=tie_break)
+        return hard, f"results {redact(config.hard_classes_from)}"
     evaluation = latest_evaluation(tracking_uri, config.register) if config.register else None
     if evaluation is None:
-        log.warning("hard_classes=%s but there is no champion evaluation yet (register=%s): no bootstrapping this run",
+        log.warning("hard_classes=%s but there is no champion evaluation yet (register=%s): no hard classes this run",
                     AUTO, config.register)
         return [], "auto: no champion evaluation yet"
     iou = {name: evaluation.iou.get(name) for name in class_names}
-    return hard_classes_from_iou(iou, config.hard_class_count), f"champion evaluation run {evaluation.run_id}"
+    hard = hard_classes_from_iou(iou, config.hard_class_count, tie_break=tie_break)
+    return hard, f"champion {evaluation.kind} run {evaluation.run_id}"
 
 
 def _report_skipped(train_set: LabelledSet, val_set: LabelledSet) -> dict[str, int]:
@@ -172,12 +159,12 @@ def _report_skipped(train_set: LabelledSet, val_set: LabelledSet) -> dict[str, i
     return skipped
 
 
-def _check_cpus_left_for_decoding(config: TrainConfig, cluster_cpus: float) -> None:
+def _check_cpus_left_for_decoding(config: TrainConfig, cpus_per_worker: float, cluster_cpus: float) -> None:
     """Workers that take every CPU starve the decode stage and the job hangs; say so instead (local Ray only:
     a real cluster may autoscale)."""
-    left = cluster_cpus - config.workers * config.cpus_per_worker
-    if left < 0.5:
-        message = (f"{config.workers} workers x {config.cpus_per_worker} CPUs leave {left:g} of the cluster's "
+    left = cluster_cpus - config.workers * cpus_per_worker
+    if left < config.decode_cpus:
+        message = (f"{config.workers} workers x {cpus_per_worker:g} CPUs leave {left:g} of the cluster's "
                    f"{cluster_cpus:g} CPUs for decoding; lower workers or cpus_per_worker.")
         if settings.ray_address(config.ray_address) is None:
             raise ValueError(message)
@@ -211,74 +198,3 @@ def _open_run(config: TrainConfig, tracking_uri: str) -> tuple[str, str]:
     with fs.open(join_uri(root, run_name, RUN_RECORD), "w") as f:
         json.dump({"run_name": run_name, "run_id": run_id, "tracking_uri": redact(tracking_uri)}, f)
     return run_name, run_id
-
-
-def _log_params(tracking_uri, run_id, config, hard, hard_source, factor, summary, skipped, train_set, val_set) -> None:
-    from mlflow.entities import Param, RunTag
-
-    params = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in config.to_dict().items()}
-    params.update({"hard_classes_resolved": ",".join(hard) or "-", "hard_classes_source": hard_source,
-                   "bootstrap_factor_applied": factor})
-    tags = {"segmill.train_fingerprint": train_set.fingerprint, "segmill.val_fingerprint": val_set.fingerprint}
-    c = client(tracking_uri)
-    c.log_batch(run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()],
-                tags=[RunTag(k, v) for k, v in tags.items()])
-    for key, value in {**{f"bootstrap.{k}": v for k, v in summary.items()}, **{f"skipped.{k}": v for k, v in skipped.items()},
-                       "val_images": val_set.usable.num_rows}.items():
-        c.log_metric(run_id, key, float(value))
-
-
-def _finish(config, tracking_uri, run_name, run_id, spec, result, val_set, hard, summary, skipped) -> TrainOutcome:
-    c = client(tracking_uri)
-    metrics = result.metrics
-    classes = spec.classes
-    with result.checkpoint.as_directory() as folder:
-        checkpoint_bytes = load_saved_model(folder)
-    model, _ = load_checkpoint(checkpoint_bytes)
-    val_pairs = list(zip(val_set.usable["image_uri"].to_pylist(), val_set.usable["label_uri"].to_pylist()))
-    with tempfile.TemporaryDirectory() as folder:
-        os.makedirs(os.path.join(folder, "checkpoint"))
-        with open(os.path.join(folder, "checkpoint", "model.pt"), "wb") as f:
-            f.write(checkpoint_bytes)
-        with open(os.path.join(folder, "confusion_matrix.png"), "wb") as f:
-            f.write(confusion_png(metrics["confusion"], classes))
-        os.makedirs(os.path.join(folder, "overlays"))
-        for name, data in overlay_pngs(model, spec, val_pairs, config.overlays, endpoint_url=config.endpoint_url).items():
-            with open(os.path.join(folder, "overlays", name), "wb") as f:
-                f.write(data)
-        with open(os.path.join(folder, "bootstrap.json"), "w") as f:
-            json.dump({"hard_classes": hard, **summary, "skipped": skipped}, f, indent=2)
-        c.log_artifacts(run_id, folder)
-    val_iou = {name: metrics[f"val_iou.{name}"] for name in classes if f"val_iou.{name}" in metrics}
-    outcome = TrainOutcome(run_id, run_name, metrics["val_miou"], val_iou, result.checkpoint.path, hard, summary,
-                           skipped=skipped)
-    if config.register:
-        _register(config, tracking_uri, outcome, spec, val_pairs, val_set.fingerprint)
-    c.set_terminated(run_id)
-    return outcome
-
-
-def _register(config, tracking_uri, outcome: TrainOutcome, spec: ModelSpec, val_pairs, val_fingerprint) -> None:
-    """Register the run as a version; re-score the champion on this validation set to decide on promotion."""
-    champion = current_champion(tracking_uri, config.register)
-    champion_miou, comparable = None, True
-    if champion is not None:
-        resolved = resolve_model(f"models:/{config.register}/{champion.version}", tracking_uri=tracking_uri)
-        comparable = tuple(resolved.spec.classes) == tuple(spec.classes)
-        if comparable:
-            model, _ = load_checkpoint(resolved.checkpoint)
-            confusion, _ = confusion_on_pairs(model, resolved.spec, val_pairs, device=torch.device("cpu"),
-                                              endpoint_url=config.endpoint_url)
-            scores = epoch_metrics(SegmentationMetrics.from_confusion(confusion), spec.classes)
-            champion_miou = scores["val_miou"]
-            log_evaluation(tracking_uri, config.register, champion.version,
-                           {k.removeprefix("val_iou."): v for k, v in scores.items() if k.startswith("val_iou.")},
-                           miou=champion_miou, dataset=val_fingerprint)
-    decision = decide(outcome.val_miou, champion_miou, champion.version if champion else None,
-                      config.champion_margin, comparable)
-    artifact_uri = client(tracking_uri).get_run(outcome.run_id).info.artifact_uri
-    outcome.model_name = config.register
-    outcome.model_version = register_version(tracking_uri, config.register, outcome.run_id, artifact_uri,
-                                             challenger_miou=outcome.val_miou, decision=decision,
-                                             val_fingerprint=val_fingerprint)
-    outcome.champion, outcome.decision, outcome.champion_miou = decision.promoted, decision.reason, champion_miou

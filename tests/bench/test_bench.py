@@ -57,3 +57,19 @@ def test_memory_peaks_by_part_split_the_run_into_equal_spans() -> None:
     memory.timeline = [(0.0, 5), (1.0, 9), (2.5, 4), (3.0, 7), (5.9, 6), (6.5, 3), (8.0, 2)]
     assert memory.peaks_by_part(4) == [9, 7, 6, 3]  # spans of 2 s; the last sample falls in the last span
     assert TreeMemory(pid=0).peaks_by_part(4) == []
+
+
+def test_the_hard_class_table_gives_mean_and_spread_over_seeds() -> None:
+    from bench.hard_classes import summarise
+
+    def run(method: str, seed: int, miou: float, pole: float) -> dict:
+        return {"method": method, "seed": seed, "miou": miou, "iou": {"road": 0.9, "pole": pole}, "best_miou": miou,
+                "train_share": {"road": 0.9, "pole": 0.1}, "epochs": 3, "epoch_images": 10, "seconds": 60.0, "samples_per_second": 9.0}
+
+    table = summarise([run("baseline", 0, 0.40, 0.1), run("baseline", 1, 0.44, 0.2), run("hard_crops", 0, 0.5, 0.4)],
+                      ("road", "pole"), ("pole",))
+    lines = table.splitlines()
+    assert lines[0] == "| | baseline | hard_crops |"
+    assert "| **mIoU** | **0.420 (0.400-0.440)** | **0.500** |" in lines
+    assert "| pole (hard) | 0.150 (0.100-0.200) | 0.400 |" in lines
+    assert "| seeds | 0,1 | 0 |" in lines

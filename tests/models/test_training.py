@@ -11,10 +11,10 @@ from segmill.models.training import (
     AUX_LOSS_WEIGHT,
     POLY_POWER,
     hard_pixel_cross_entropy,
+    optimizer_with_poly,
     poly_lr_lambda,
     random_scale_crop_flip,
     segmentation_loss,
-    sgd_with_poly,
     train_step,
 )
 
@@ -34,7 +34,7 @@ def pattern_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_train_steps_reduce_the_loss() -> None:
     torch.manual_seed(0)
     model = get_model("unet", num_classes=3, base_channels=8, depth=2)
-    optimizer, scheduler = sgd_with_poly(model, lr=0.05, total_steps=30)
+    optimizer, scheduler = optimizer_with_poly(model, lr=0.05, total_steps=30)
     images, masks = pattern_batch()
     losses = [train_step(model, images, masks, optimizer, scheduler) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -44,7 +44,7 @@ def test_train_steps_reduce_the_loss() -> None:
 def test_train_step_refuses_a_non_finite_loss() -> None:
     torch.manual_seed(0)
     model = get_model("unet", num_classes=3, base_channels=8, depth=2)
-    optimizer, _ = sgd_with_poly(model, lr=0.05, total_steps=1)
+    optimizer, _ = optimizer_with_poly(model, lr=0.05, total_steps=1)
     images, masks = pattern_batch()
     with pytest.raises(FloatingPointError, match="learning rate"):
         train_step(model, torch.full_like(images, float("nan")), masks, optimizer)
@@ -144,3 +144,30 @@ def test_hard_pixel_loss_keeps_only_the_hardest_share():
     ignored = hard_pixel_cross_entropy(logits.requires_grad_(), torch.full_like(target, 255), 0.5)
     ignored.backward()
     assert ignored.item() == 0 and logits.grad is not None
+
+
+def test_class_weighted_loss_is_torchs_weighted_mean_and_an_all_ignore_batch_costs_nothing():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    target[0, :3] = 255
+    weights = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    expected = F.cross_entropy(logits, target, weight=weights, ignore_index=255)
+    torch.testing.assert_close(segmentation_loss({"out": logits}, target, class_weights=weights), expected)
+    torch.testing.assert_close(segmentation_loss({"out": logits}, target), F.cross_entropy(logits, target, ignore_index=255))
+    logits.requires_grad_()
+    nothing = segmentation_loss({"out": logits}, torch.full_like(target, 255), class_weights=weights)
+    nothing.backward()
+    assert nothing.item() == 0 and logits.grad is not None
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_bf16_step_with_either_optimizer_learns(optimizer: str):
+    torch.manual_seed(0)
+    model = get_model("unet", num_classes=2, base_channels=4, depth=1)
+    images, masks = torch.randn(2, 3, 16, 16), (torch.rand(2, 16, 16) > 0.5).long()
+    opt, scheduler = optimizer_with_poly(model, lr=0.01 if optimizer == "adamw" else 0.1, total_steps=20,
+                                         optimizer=optimizer)
+    losses = [train_step(model, images, masks, opt, scheduler, autocast_dtype=torch.bfloat16) for _ in range(20)]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="Optimizer 'lion'"):
+        optimizer_with_poly(model, lr=0.1, total_steps=1, optimizer="lion")

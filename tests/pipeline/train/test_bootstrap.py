@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,12 @@ from segmill.pipeline.bulk.results import dataset_iou
 from segmill.pipeline.common.images import encode_png
 from segmill.pipeline.common.scenes import SCENE_CLASSES, write_scenes
 from segmill.pipeline.train.bootstrap import (
-    bootstrap_summary,
-    bootstrapped_epoch,
     class_presence_index,
     default_index_uri,
     hard_classes_from_iou,
     hard_classes_from_results,
 )
+from segmill.pipeline.train.sampling import class_stats
 
 NUM_CLASSES = len(SCENE_CLASSES)
 POLE, SIGN = SCENE_CLASSES.index("pole"), SCENE_CLASSES.index("sign")
@@ -118,8 +116,7 @@ def test_bad_labels_are_reported_not_raised(scenes: list[tuple[str, str]], tmp_p
     class_presence_index(pairs + [(f"img{i}.png", uri) for i, uri in enumerate(bad)], NUM_CLASSES,
                          cache_uri=str(tmp_path / "index.parquet"))
     assert reads == [], "bad labels are cached too, and a missing one is never read"
-    assert bootstrap_summary(index, [SIGN], 3)["skipped_labels"] == 4
-    assert all(i < 3 for i in bootstrapped_epoch(index, [SIGN], 3))
+    assert class_stats(index, NUM_CLASSES).rows.tolist() == [0, 1, 2], "training plans leave bad labels out"
 
 
 def test_hard_classes_from_iou() -> None:
@@ -163,29 +160,3 @@ def test_hard_classes_from_results(tmp_path: Path) -> None:
         dataset_iou(str(results), classes + ("vehicle",))
     with pytest.raises(ValueError, match="no results rows"):
         dataset_iou(str(tmp_path / "empty"), classes)
-
-
-def test_bootstrapped_epoch_counts_and_share(scenes: list[tuple[str, str]], tmp_path: Path) -> None:
-    index, factor, hard = _index(scenes, tmp_path), 3, [POLE, SIGN]
-    has_hard = [bool({POLE, SIGN} & set(p)) for p in index["present"].to_pylist()]
-    order = bootstrapped_epoch(index, hard, factor)
-    counts = Counter(order)
-    assert all(counts[i] == (factor if has_hard[i] else 1) for i in range(NUM_SCENES))
-    assert len(order) == NUM_SCENES + (factor - 1) * sum(has_hard)
-    summary = bootstrap_summary(index, hard, factor)
-    assert summary["images"] == NUM_SCENES and summary["hard_images"] == sum(has_hard)
-    assert summary["epoch_images"] == len(order) and summary["skipped_labels"] == 0
-    assert summary["hard_share_after"] == pytest.approx(sum(has_hard[i] for i in order) / len(order))
-    assert summary["hard_share_after"] > summary["hard_share_before"] == pytest.approx(sum(has_hard) / NUM_SCENES)
-    assert sorted(bootstrapped_epoch(index, hard, 1)) == list(range(NUM_SCENES))
-    assert sorted(bootstrapped_epoch(index, [], factor)) == list(range(NUM_SCENES))
-    with pytest.raises(ValueError):
-        bootstrapped_epoch(index, hard, 0)
-
-
-def test_bootstrapped_epoch_is_the_same_for_a_chunked_index(scenes: list[tuple[str, str]], tmp_path: Path) -> None:
-    index = _index(scenes, tmp_path)
-    rows = bootstrapped_epoch(index, [POLE], 2)
-    assert rows == sorted(rows), "in the index's order: the training stream shuffles"
-    chunked = pa.concat_tables([index.slice(0, 5), index.slice(5)])  # several chunks give the same answer
-    assert bootstrapped_epoch(chunked, [POLE], 2) == rows

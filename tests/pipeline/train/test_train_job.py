@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from segmill.pipeline import SegmentConfig, segment
@@ -91,30 +92,21 @@ def test_train_on_s3_tracks_registers_and_promotes_only_when_better(ray_session,
 
 
 def _train_workers() -> list[int]:
-    """PIDs of Ray Train worker processes descended from this test process (read from /proc)."""
-    parents, commands = {}, {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                commands[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                pass
+    """PIDs of Ray Train worker processes descended from this test process."""
+    return [p.pid for p in psutil.Process().children(recursive=True) if _is_train_worker(p)]
 
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == os.getpid():
-                return True
+
+def _is_train_worker(process: psutil.Process) -> bool:
+    try:
+        return "RayTrainWorker" in " ".join(process.cmdline())
+    except psutil.Error:
         return False
-
-    return [pid for pid, command in commands.items() if "RayTrainWorker" in command and descends(pid)]
 
 
 def _gone(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
 
 
@@ -180,3 +172,28 @@ def test_resume_continues_a_stopped_run(train_scenes, tmp_path):
         [mlflow.MlflowClient(tracking_uri=tracking).get_experiment_by_name("segmill-train").experiment_id])[0].info.run_id
     steps = _steps(tracking, run_id, "loss")
     assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1, 2], steps
+
+
+def test_hard_class_options_reach_the_workers_and_the_best_epoch_is_the_model(ray_session, train_scenes, tmp_path):
+    """Hard crops, pixel-mass sampling and class weights, end to end: what the workers logged is what was asked."""
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    config = TrainConfig(images=str(train_scenes / "images"), labels=str(train_scenes / "labels"),
+                         classes=str(train_scenes / "classes.yaml"), epochs=2, hard_classes="pole,sign",
+                         sampling="pixel_mass", bootstrap_factor=2, hard_crop_share=0.4,
+                         class_weighting="median_frequency", storage_path=str(tmp_path / "train"),
+                         tracking_uri=tracking, overlays=0, **TINY)
+    outcome = train(config)
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    metrics = client.get_run(outcome.run_id).data.metrics
+    crop_shares = [m.value for m in client.get_metric_history(outcome.run_id, "hard_crop_share")]
+    assert len(crop_shares) == 2 and min(crop_shares) >= 0.4, crop_shares
+    assert outcome.bootstrap["sampling"] == "pixel_mass"
+    assert outcome.bootstrap["hard_crops_planned"] == pytest.approx(0.4, abs=0.02)
+    assert outcome.bootstrap["epoch_images"] == outcome.bootstrap["images"] + outcome.bootstrap["hard_images"]
+    assert metrics["class_weight.pole"] > metrics["class_weight.sky"], "the rare class weighs more"
+    assert sum(metrics[f"train_share.{c}"] for c in SCENE_CLASSES) == pytest.approx(1.0)
+    # The crops see far more pole than the data set holds: the share of labelled pixels, before and after.
+    assert metrics["train_share.pole"] > 3 * metrics["dataset_share.pole"]
+    history = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "val_miou")}
+    assert outcome.val_miou == pytest.approx(max(history.values())) and history[outcome.best_epoch] == outcome.val_miou
+    assert metrics["best_epoch"] == outcome.best_epoch

@@ -78,14 +78,17 @@ def test_no_usable_labels_fails_before_training(tmp_path):
                   ignore_index=255)
 
 
-def test_decode_and_augment_drops_a_size_mismatch_and_crops_the_rest(tmp_path):
+def test_decode_and_augment_ignores_a_size_mismatch_and_crops_the_rest(tmp_path):
+    """A bad pair becomes an all-ignore crop, not a missing one: every worker must take the same number of steps."""
     write_scenes(str(tmp_path), 2, seed=3)
     images, labels = sorted((tmp_path / "images").iterdir()), sorted((tmp_path / "labels").iterdir())
     labels[1].write_bytes(encode_png(np.zeros((5, 5), np.uint8)))
-    batch = {"image_uri": np.array([str(p) for p in images]), "label_uri": np.array([str(p) for p in labels])}
+    batch = {"image_uri": np.array([str(p) for p in images]), "label_uri": np.array([str(p) for p in labels]),
+             "crop_class": np.array([-1, -1]), "seed": np.array([1, 2])}
     out = decode_and_augment(batch, num_classes=7, ignore_index=255, crop=48, scale_range=(0.5, 2.0), endpoint_url=None)
-    assert out["image"].shape == (1, 48, 48, 3) and out["mask"].shape == (1, 48, 48)
-    assert set(np.unique(out["mask"])) <= set(range(7)) | {255}
+    assert out["image"].shape == (2, 48, 48, 3) and out["mask"].shape == (2, 48, 48)
+    assert out["valid"].tolist() == [True, False] and (out["mask"][1] == 255).all()
+    assert set(np.unique(out["mask"][0])) <= set(range(7)) | {255}
 
 
 def test_confusion_picture_is_a_png():
@@ -98,7 +101,7 @@ def test_hard_classes_named_auto_and_from_champion_evaluation(tmp_path):
     base = dict(images="i", classes="c", tracking_uri=tracking, register="scenes")
     with pytest.raises(ValueError, match="not in the class file"):
         resolve_hard_classes(TrainConfig(**base, hard_classes="pole,tree"), SCENE_CLASSES, tracking)
-    assert resolve_hard_classes(TrainConfig(**base), SCENE_CLASSES, tracking) == ([], "bootstrapping off")
+    assert resolve_hard_classes(TrainConfig(**base), SCENE_CLASSES, tracking) == ([], "no hard classes")
     hard, source = resolve_hard_classes(TrainConfig(**base, hard_classes="auto"), SCENE_CLASSES, tracking)
     assert hard == [] and "no champion" in source
 
@@ -113,8 +116,19 @@ def test_hard_classes_named_auto_and_from_champion_evaluation(tmp_path):
     location = client.get_experiment_by_name("segmill-evaluations").artifact_location
     assert location.removeprefix("file://").startswith(str(tmp_path))  # beside the database, not ./mlruns
     hard, source = resolve_hard_classes(TrainConfig(**base, hard_classes="auto"), SCENE_CLASSES, tracking)
-    assert hard == ["pole", "vehicle"] and "champion evaluation" in source
+    assert hard == ["pole", "vehicle"] and "champion evaluation run" in source
 
+
+def test_auto_hard_classes_break_a_tie_by_rarity_and_say_so(caplog):
+    from segmill.pipeline.train.bootstrap import hard_classes_from_iou
+
+    iou = {"sky": 0.9, "pole": 0.0, "fence": 0.0, "sign": 0.0, "road": 0.8}
+    assert hard_classes_from_iou(iou, 2) == ["pole", "fence"]  # without a tie-break: the class file's order
+    rarity = {"pole": 0.01, "fence": 0.02, "sign": 0.001}
+    with caplog.at_level("WARNING"):
+        assert hard_classes_from_iou(iou, 2, tie_break=rarity) == ["sign", "pole"]
+    assert "sign, pole, fence tie at IoU 0.0000; took sign, pole" in caplog.text
+    assert "rarest in training pixels" in caplog.text
 
 def test_an_unreachable_tracking_server_fails_the_job_before_training(tmp_path):
     import time
