@@ -123,7 +123,8 @@ def class_above_sql(class_name: str, fraction: float, n: int | None) -> str:
 
 def errors_sql(n: int | None) -> str:
     limit = f" LIMIT {int(n)}" if n else ""
-    return f"SELECT image_uri, label_uri, error FROM results WHERE status = 'error' ORDER BY image_uri{limit}"
+    return (f"SELECT image_uri, label_uri, error, error_kind FROM results WHERE status = 'error' "
+            f"ORDER BY image_uri{limit}")
 
 
 def class_distribution_sql(classes: tuple[str, ...]) -> str:

@@ -29,6 +29,8 @@ def segment(
     max_pixels: Optional[int] = typer.Option(None, help=describe(SegmentConfig, "max_pixels")),
     export_png: Optional[bool] = typer.Option(None, "--export-png/--no-export-png",
                                               help=describe(SegmentConfig, "export_png")),
+    retry_errors: Optional[bool] = typer.Option(None, "--retry-errors/--no-retry-errors",
+                                                help=describe(SegmentConfig, "retry_errors")),
 ) -> None:
     """Segment every image under INPUT and write one Parquet row per image to OUTPUT."""
     from segmill.pipeline.bulk.job import segment as run_segment
@@ -40,7 +42,7 @@ def segment(
             raise ValueError(f"--scales {scales!r} must be numbers separated by commas, e.g. 0.75,1,1.25.") from None
         values = given(input=input, output=output, model=model, labels=labels, job_id=job_id, ray_address=address,
                        endpoint_url=endpoint_url, tracking_uri=tracking_uri, flip=flip, max_pixels=max_pixels,
-                       export_png=export_png, scales=scale_list)
+                       export_png=export_png, retry_errors=retry_errors, scales=scale_list)
         spec = SegmentConfig.from_yaml(str(config), values) if config else \
             SegmentConfig.from_dict(values, source="command line")
         resources = given(batch_size=batch_size, actors_max=actors, gpus_per_actor=gpus_per_actor)

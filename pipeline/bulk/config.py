@@ -107,6 +107,8 @@ class SegmentConfig(Config):
                                                                  "(decompression bombs).")
     low_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.5
     export_png: bool = Field(False, description="Also write colour masks and overlays as PNG.")
+    retry_errors: bool = Field(False, description="Resuming: segment again every image whose row is an error (by "
+                                                  "default only those whose error was the infrastructure's).")
     ray_address: str | None = Field(None, description="Ray cluster address (default: $RAY_ADDRESS or an "
                                                        "in-process Ray).")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: $AWS_ENDPOINT_URL).")

@@ -4,7 +4,7 @@ dataset a job runs (`segmill.pipeline.bulk.job.run(config, plan, dataset)`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from segmill.models.allocator import ONE_ARENA_ENV
@@ -34,6 +34,7 @@ class Plan:
     listing_dir: str
     pending: int
     already_done: int
+    skipped_files: dict[str, int] = field(default_factory=dict)  # files the listing left out, by extension
 
 
 def build_dataset(config: SegmentConfig, plan: Plan) -> "ray.data.Dataset":

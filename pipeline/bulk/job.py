@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from segmill.pipeline.bulk.config import SegmentConfig
 from segmill.pipeline.bulk.dataset import Plan, build_dataset
+from segmill.pipeline.bulk.lease import JobLease
 from segmill.pipeline.bulk.record import JobRecord, write_job_record
 from segmill.pipeline.bulk.recovery import commit_lost_rows
 from segmill.pipeline.bulk.results import (
@@ -25,11 +26,13 @@ from segmill.pipeline.bulk.results import (
     committed_keys,
     committed_rows,
     is_committed,
+    uncommit_errors,
 )
 from segmill.pipeline.common.classes import find_class_file
 from segmill.pipeline.common.listing import (
     IMAGE_EXTENSIONS,
     LISTING_SCHEMA,
+    Skipped,
     is_manifest,
     iter_image_batches,
 )
@@ -45,15 +48,20 @@ LISTING_CHUNK_ROWS = 512
 def segment(config: SegmentConfig) -> JobRecord:
     """Run (or resume) a bulk segmentation job; returns its job record, also written to OUTPUT/_job.json."""
     started = time.time()
-    plan = prepare(config)
-    dataset = None
-    if plan.pending:
-        ensure_ray(config.ray_address, config.resources)
-        dataset = build_dataset(config, plan)
-    return run(config, plan, dataset, started=started)
+    lease = JobLease(config.output, config.resolved_job_id(), STAGING, endpoint_url=config.endpoint_url)
+    try:
+        plan = prepare(config, lease)
+        dataset = None
+        if plan.pending:
+            ensure_ray(config.ray_address, config.resources)
+            dataset = build_dataset(config, plan)
+        return run(config, plan, dataset, started=started, lease=lease)
+    finally:
+        lease.release()
 
 
-def run(config: SegmentConfig, plan: Plan, dataset, *, started: float | None = None) -> JobRecord:
+def run(config: SegmentConfig, plan: Plan, dataset, *, started: float | None = None,
+        lease: JobLease | None = None) -> JobRecord:
     """Run a prepared job's dataset (None when nothing is left to do), fill in lost rows, write the record."""
     started = time.time() if started is None else started
     processed = 0
@@ -70,13 +78,15 @@ def run(config: SegmentConfig, plan: Plan, dataset, *, started: float | None = N
         processed += lost
     counts = committed_rows(config.output, config.endpoint_url, ["job_id", "status"])
     record = JobRecord.build(config, plan.job_id, plan.model.name, plan.model.version, started, counts,
-                             processed=processed, resumed_from=plan.already_done)
+                             processed=processed, resumed_from=plan.already_done, skipped_files=plan.skipped_files)
     write_job_record(record, config.output, config.endpoint_url)
+    if lease is not None:
+        lease.release()  # before the staging folder goes, so that no renewal writes it back
     _clear_staging(config, plan.job_id)
     return record
 
 
-def prepare(config: SegmentConfig) -> Plan:
+def prepare(config: SegmentConfig, lease: JobLease | None = None) -> Plan:
     """All the checks that need no compute, and the listing of what is left to do.
 
     The model loads in a child process (`ModelCheck`) while the output's committed rows are read (a resumed job
@@ -94,13 +104,28 @@ def prepare(config: SegmentConfig) -> Plan:
         _check_label_classes(config.labels, model.spec.classes, config.endpoint_url)
     _check_model_version(config, committed, model.version)
     check_writable(config.output, "Output", config.endpoint_url)
-    listing_dir, total, pending = _list_pending(config, job_id, done_keys)
+    if lease is not None:  # the first write of the job, once nothing else can stop it
+        lease.acquire()
+    retried = uncommit_errors(config.output, job_id, everything=config.retry_errors, endpoint_url=config.endpoint_url,
+                              row_group_rows=config.resources.row_group_rows)
+    if retried:
+        log.warning("%d error rows of an earlier run are tried again%s", retried,
+                    "" if config.retry_errors else " (their errors were the infrastructure's, not the images')")
+        done_keys = committed_keys(config.output, config.endpoint_url)
+    skipped = Skipped()
+    listing_dir, total, pending = _list_pending(config, job_id, done_keys, skipped)
+    if skipped:
+        log.warning("left out %d files of %s that are not images Pillow reads: %s", sum(skipped.values()),
+                    redact(config.input), skipped.describe())
     log.info("job %s: %d images, %d already committed, %d to do", job_id, total, total - pending, pending)
-    return Plan(job_id, model, listing_dir, pending, total - pending)
+    return Plan(job_id, model, listing_dir, pending, total - pending, dict(skipped))
 
 
-def _list_pending(config: SegmentConfig, job_id: str, done_keys: np.ndarray) -> tuple[str, int, int]:
-    """Write the input's images not in `done_keys` as listing chunks; (listing folder, images, images to do)."""
+def _list_pending(config: SegmentConfig, job_id: str, done_keys: np.ndarray,
+                  skipped: Skipped) -> tuple[str, int, int]:
+    """Write the input's images not in `done_keys` as listing chunks; (listing folder, images, images to do).
+
+    OUTPUT is never listed, even when it lies inside INPUT: a re-run must not segment the job's own PNGs."""
     fs, listings = open_fs(join_uri(config.output, STAGING, job_id, "listing"), endpoint_url=config.endpoint_url)
     if fs.exists(listings):
         fs.rm(listings, recursive=True)
@@ -111,8 +136,9 @@ def _list_pending(config: SegmentConfig, job_id: str, done_keys: np.ndarray) -> 
     root = join_uri(listings, attempt)
     fs.makedirs(root, exist_ok=True)
     total = pending = 0
-    for chunk, table in enumerate(iter_image_batches(config.input, config.labels, endpoint_url=config.endpoint_url,
-                                                              batch_rows=LISTING_CHUNK_ROWS)):
+    batches = iter_image_batches(config.input, config.labels, endpoint_url=config.endpoint_url,
+                                 batch_rows=LISTING_CHUNK_ROWS, skipped=skipped, exclude=config.output)
+    for chunk, table in enumerate(batches):
         total += table.num_rows
         if table["image_uri"].null_count:
             raise ValueError(f"Input {redact(config.input)} has rows without an image_uri; fix the manifest.")
@@ -157,6 +183,10 @@ def _check_model_version(config: SegmentConfig, committed: pa.Table, model_versi
 
 
 def _clear_staging(config: SegmentConfig, job_id: str) -> None:
-    fs, root = open_fs(join_uri(config.output, STAGING, job_id), endpoint_url=config.endpoint_url)
+    """Remove the job's staging folder, and the staging root when no other job's is left in it."""
+    fs, staging = open_fs(join_uri(config.output, STAGING), endpoint_url=config.endpoint_url)
+    root = join_uri(staging, job_id)
     if fs.exists(root):
         fs.rm(root, recursive=True)
+    if fs.isdir(staging) and not fs.ls(staging, detail=False):
+        fs.rmdir(staging)

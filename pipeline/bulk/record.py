@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,15 +33,17 @@ class JobRecord:
     processed_this_run: int
     resumed_from: int
     images_per_second: float
+    skipped_files: dict[str, int] = field(default_factory=dict)  # files of INPUT that are not images, by extension
 
     @classmethod
     def build(cls, config, job_id: str, model_name: str, model_version: str, started: float, committed: pa.Table,
-              *, processed: int, resumed_from: int) -> "JobRecord":
+              *, processed: int, resumed_from: int, skipped_files: dict[str, int] | None = None) -> "JobRecord":
         seconds = max(time.time() - started, 1e-9)
         ok = int(pc.sum(pc.equal(committed["status"], "ok")).as_py() or 0) if committed.num_rows else 0
         spec = redact_values(config.to_dict())
         return cls(job_id, spec, model_name, model_version, _iso(started), _iso(time.time()), committed.num_rows, ok,
-                   committed.num_rows - ok, processed, resumed_from, round(processed / seconds, 3))
+                   committed.num_rows - ok, processed, resumed_from, round(processed / seconds, 3),
+                   dict(skipped_files or {}))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -14,6 +14,7 @@ from segmill.pipeline.bulk.results import (
     is_committed,
 )
 from segmill.pipeline.bulk.rows import error_rows
+from segmill.pipeline.common.decode import INFRASTRUCTURE
 from segmill.pipeline.common.storage import open_fs, redact
 
 LOST_REASON = "{uri} was not segmented: its batch failed repeatedly in Ray (task or model actor crashed)."
@@ -34,7 +35,7 @@ def commit_lost_rows(listing_dir: str, output: str, *, job_id: str, classes: tup
             part = missing[start : start + rows_per_file]
             uris = [u for u, _ in part]
             batch = error_rows(uris, [l for _, l in part], [LOST_REASON.format(uri=redact(u)) for u in uris],
-                               len(classes))
+                               len(classes), INFRASTRUCTURE)
             table = build_table(batch, classes, job_id=job_id, model_name=model_name, model_version=model_version)
             commit_table(table, output, job_id, endpoint_url=endpoint_url, row_group_rows=row_group_rows)
             lost += len(part)

@@ -17,7 +17,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from segmill.models.iou import iou_from_counts, nanmean
-from segmill.pipeline.bulk.rows import OK
+from segmill.pipeline.bulk.rows import ERROR, OK
+from segmill.pipeline.common.decode import INFRASTRUCTURE
 from segmill.pipeline.common.storage import join_uri, open_fs, protocol_of, redact
 
 PART_PREFIX = "part-"
@@ -35,7 +36,8 @@ def results_schema(classes: tuple[str, ...]) -> pa.Schema:
 
     return pa.schema([
         ("job_id", pa.string()), ("image_uri", pa.string()), ("label_uri", pa.string()),
-        ("status", pa.string()), ("error", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
+        ("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
+        ("height", pa.int32()), ("width", pa.int32()),
         ("mask", pa.binary()),
         ("class_fraction", per_class(pa.float32())), ("class_pixels", per_class(pa.int64())),
         ("confidence_mean", pa.float32()), ("entropy_mean", pa.float32()), ("low_confidence_fraction", pa.float32()),
@@ -74,6 +76,7 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
         "job_id": pa.array([job_id] * n), "image_uri": pa.array([redact(u) for u in batch["image_uri"].tolist()], pa.string()),
         "label_uri": _optional_strings(batch["label_uri"]),
         "status": pa.array(batch["status"].tolist(), pa.string()), "error": _optional_strings(batch["error"]),
+        "error_kind": _optional_strings(batch["error_kind"]),
         "height": scalar(batch["height"].astype(np.int32), ok | (batch["height"] > 0), pa.int32()),
         "width": scalar(batch["width"].astype(np.int32), ok | (batch["width"] > 0), pa.int32()),
         "mask": pa.array(masks, pa.binary()),
@@ -142,6 +145,46 @@ def committed_rows(output: str, endpoint_url: str | None, columns: list[str]) ->
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def uncommit_errors(output: str, job_id: str, *, everything: bool, endpoint_url: str | None,
+                    row_group_rows: int) -> int:
+    """Take the error rows a re-run should try again out of the committed table: those of kind infrastructure, or
+    with `everything` every error row; returns how many. Each part holding one is deleted and its other rows
+    committed again as a new part: if the run stops in between, those rows are simply segmented again, never
+    lost nor doubled. Only the status columns of a part are read unless it holds such a row."""
+    fs, _ = open_fs(output, endpoint_url=endpoint_url)
+    retried = 0
+    for part in committed_parts(output, endpoint_url):
+        with fs.open(part, "rb") as f:
+            names = pq.read_schema(f).names
+            if "error_kind" not in names and not everything:
+                continue  # a table from before error kinds: only a retry of every error takes its rows
+            status = pq.read_table(f, columns=[c for c in ("status", "error_kind") if c in names])
+            drop = pc.fill_null(_retried(status, everything), False)
+            count = pc.sum(drop).as_py() or 0
+            if not count:
+                continue
+            kept = pq.read_table(f).filter(pc.invert(drop))
+        fs.rm(part)
+        if kept.num_rows:
+            if "error_kind" not in kept.column_names:
+                kept = kept.add_column(kept.column_names.index("error") + 1, "error_kind",
+                                       pa.nulls(kept.num_rows, pa.string()))
+            commit_table(kept.cast(results_schema_of(kept)), output, job_id, endpoint_url=endpoint_url,
+                         row_group_rows=row_group_rows)
+        retried += count
+    return retried
+
+
+def _retried(status: pa.Table, everything: bool) -> pa.ChunkedArray:
+    errors = pc.equal(status["status"], ERROR)
+    return errors if everything else pc.and_(errors, pc.equal(status["error_kind"], INFRASTRUCTURE))
+
+
+def results_schema_of(table: pa.Table) -> pa.Schema:
+    """The results schema for the classes a table's per-class structs name."""
+    return results_schema(tuple(f.name for f in table.schema.field("union").type))
 
 
 def uri_keys(uris: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from segmill.models.predict import (
 )
 from segmill.pipeline.bulk.results import mask_dtype
 from segmill.pipeline.bulk.rows import ERROR, OK, STATISTICS, segmented_rows
+from segmill.pipeline.common.decode import INFRASTRUCTURE, label_dtype
 from segmill.pipeline.common.storage import redact
 
 
@@ -38,6 +39,7 @@ class Segmenter:
         model, self.spec = load_checkpoint(checkpoint, map_location=device)
         self.num_classes = self.spec.num_classes
         self.mask_dtype = mask_dtype(self.num_classes)
+        self.label_dtype = label_dtype(self.num_classes, self.spec.ignore_index)
         self.low_confidence = low_confidence
         self.predictor = Predictor(model, mean=self.spec.mean, std=self.spec.std, device=device, options=options,
                                    fast=fast)
@@ -55,7 +57,7 @@ class Segmenter:
                     out["mask"][i], out["class_pixels"][i], out["confusion"][i] = None, 0, 0
                     for key in STATISTICS:
                         out[key][i] = np.nan
-                    out["status"][i] = ERROR
+                    out["status"][i], out["error_kind"][i] = ERROR, INFRASTRUCTURE  # e.g. out of memory: retried
                     out["error"][i] = redact(f"{batch['image_uri'][i]} failed in the model "
                                              f"({type(exc).__name__}: {str(exc)[:200]}).")
         if self.trim_freed_memory is not None:
@@ -86,7 +88,8 @@ class Segmenter:
             histogram = torch.bincount(mask.flatten(), minlength=self.num_classes)
             counts = None
             if len(batch["label"][i]):
-                label = torch.from_numpy(_label(batch, i)).to(mask.device, non_blocking=True)
+                label = torch.from_numpy(_label(batch, i, self.label_dtype).astype(np.int64)).to(mask.device,
+                                                                                                 non_blocking=True)
                 counts = confusion_matrix(mask, label, self.num_classes, self.spec.ignore_index)
             mask = mask.to(torch.int32 if self.mask_dtype != np.uint8 else torch.uint8)
             found.append((i, summary, histogram, counts, mask))
@@ -115,6 +118,6 @@ def _image(batch: dict[str, np.ndarray], i: int, device: torch.device) -> np.nda
     return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3)
 
 
-def _label(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+def _label(batch: dict[str, np.ndarray], i: int, dtype: type) -> np.ndarray:
     h, w = int(batch["height"][i]), int(batch["width"][i])
-    return np.frombuffer(batch["label"][i], dtype=np.uint8).reshape(h, w)
+    return np.frombuffer(batch["label"][i], dtype=dtype).reshape(h, w)

@@ -8,6 +8,7 @@ import pyarrow as pa
 from segmill.pipeline.bulk.results import build_table, commit_table, mask_dtype
 from segmill.pipeline.bulk.rows import OK, decoded_rows, mark_error
 from segmill.pipeline.common.decode import (
+    INPUT,
     DecodeError,
     decode_image,
     decode_label,
@@ -46,10 +47,10 @@ def decode_batch(batch: pa.Table, *, max_pixels: int, num_classes: int, ignore_i
                                      (int(rows["height"][i]), int(rows["width"][i])), num_classes, ignore_index)
                 rows["label"][i] = label.tobytes()
         except DecodeError as exc:
-            mark_error(rows, i, str(exc))
+            mark_error(rows, i, str(exc), exc.kind)
         except Exception as exc:  # a decoder bug on a malformed file must cost one row, not the job
             mark_error(rows, i, f"{redact(image_uri)} could not be decoded ({type(exc).__name__}: "
-                                f"{redact(str(exc))[:120]}).")
+                                f"{redact(str(exc))[:120]}).", INPUT)
     return rows
 
 

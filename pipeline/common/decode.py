@@ -19,8 +19,20 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
+INPUT, INFRASTRUCTURE = "input", "infrastructure"  # whose fault an error is: the file's, or the machinery's
+
+
 class DecodeError(ValueError):
-    """An input that cannot become an image row; its message is the row's `error`."""
+    """An input that cannot become an image row; its message is the row's `error`, its `kind` the row's
+    `error_kind`: the input's fault (an unreadable or wrong file), or the infrastructure's (storage that failed to
+    answer), which the next run of the job retries."""
+
+    def __init__(self, message: str, kind: str = INPUT) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keeps `kind` across processes (Ray tasks, the model check's pool)
+        return type(self), (str(self), self.kind)
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None, *, what: str = "") -> bytes:
@@ -31,9 +43,11 @@ def read_bytes(uri: str, endpoint_url: str | None = None, *, what: str = "") -> 
             return f.read()
     except FileNotFoundError:
         raise DecodeError(f"{what} {redact(uri)} was not found.".lstrip()) from None
-    except Exception as exc:  # network, permissions: the reason goes into the row
+    except PermissionError as exc:
+        raise DecodeError(f"{what} {redact(uri)} cannot be read: permission denied ({exc}).".lstrip()) from None
+    except Exception as exc:  # network, throttling, a storage outage: the reason goes into the row, retried later
         reason = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
-        raise DecodeError(f"{what} {redact(uri)} could not be read ({reason}).".lstrip()) from None
+        raise DecodeError(f"{what} {redact(uri)} could not be read ({reason}).".lstrip(), INFRASTRUCTURE) from None
 
 
 def open_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
@@ -112,11 +126,17 @@ def check_label_values(values: np.ndarray, uri: str, num_classes: int, ignore_in
                           f"classes (ignore index {ignore_index}); remap them or fix the class file.")
 
 
+def label_dtype(num_classes: int, ignore_index: int) -> type:
+    """The dtype that holds every class id and the ignore index: uint8 where it can, else uint16 (16-bit labels)."""
+    return np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.uint16
+
+
 def decode_label(data: bytes, uri: str, shape: tuple[int, int], num_classes: int, ignore_index: int) -> np.ndarray:
-    """HxW uint8 class indices; wrong size, colour labels or values outside the classes raise DecodeError."""
+    """HxW class indices (`label_dtype`); wrong size, colour labels or values outside the classes (negative ones
+    included) raise DecodeError."""
     label = read_label(data, uri, shape)
     check_label_values(np.unique(label), uri, num_classes, ignore_index)
-    return label.astype(np.uint8)
+    return label.astype(label_dtype(num_classes, ignore_index))
 
 
 def label_class_pixels(data: bytes, uri: str, num_classes: int, ignore_index: int) -> np.ndarray:

@@ -6,18 +6,38 @@ not the whole image set.
 from __future__ import annotations
 
 import posixpath
+from collections import Counter
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from PIL import Image
 
 from segmill.pipeline.common.storage import open_fs, redact, with_protocol
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+# Formats Pillow identifies but cannot decode itself (stubs for external handlers, video, Windows metafiles).
+_UNDECODABLE_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "WMF"})
+
+
+def _image_extensions() -> frozenset[str]:
+    """Every file extension of a format Pillow opens (GIF and APNG: their first frame), lower case."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and fmt not in _UNDECODABLE_FORMATS)
+
+
+IMAGE_EXTENSIONS = _image_extensions()
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
 LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("label_uri", pa.string())])
+
+
+class Skipped(Counter):
+    """Files a prefix listing left out, by extension (`"(none)"` for names without one)."""
+
+    def describe(self) -> str:
+        return ", ".join(f"{count} {ext}" for ext, count in self.most_common())
 
 
 def is_manifest(uri: str) -> bool:
@@ -25,14 +45,19 @@ def is_manifest(uri: str) -> bool:
 
 
 def iter_image_batches(
-    input_uri: str, labels_uri: str | None = None, *, endpoint_url: str | None = None, batch_rows: int = 10_000
+    input_uri: str, labels_uri: str | None = None, *, endpoint_url: str | None = None, batch_rows: int = 10_000,
+    skipped: Skipped | None = None, exclude: str | None = None,
 ) -> Iterator[pa.Table]:
-    """Yield tables of (image_uri, label_uri) for every image of the job, in a stable order."""
+    """Yield tables of (image_uri, label_uri) for every image of the job, in a stable order.
+
+    Files of a prefix that are not images are counted in `skipped`; `exclude` is a prefix of the input that is
+    not listed at all (the job's own output, when it lies inside the input).
+    """
     if is_manifest(input_uri):
         yield from _manifest_batches(input_uri, endpoint_url, batch_rows)
         return
     rows: list[tuple[str, str | None]] = []
-    for image_uri, label_uri in _prefix_pairs(input_uri, labels_uri, endpoint_url):
+    for image_uri, label_uri in _prefix_pairs(input_uri, labels_uri, endpoint_url, skipped, exclude):
         rows.append((image_uri, label_uri))
         if len(rows) >= batch_rows:
             yield _table(rows)
@@ -46,16 +71,23 @@ def _table(rows: list[tuple[str, str | None]]) -> pa.Table:
     return pa.table({"image_uri": list(images), "label_uri": list(labels)}, schema=LISTING_SCHEMA)
 
 
-def _prefix_pairs(input_uri: str, labels_uri: str | None, endpoint_url: str | None) -> Iterator[tuple[str, str | None]]:
+def _prefix_pairs(input_uri: str, labels_uri: str | None, endpoint_url: str | None, skipped: Skipped | None,
+                  exclude: str | None) -> Iterator[tuple[str, str | None]]:
     fs, root = open_fs(input_uri, endpoint_url=endpoint_url)
     if not fs.exists(root):
         raise ValueError(f"Input {redact(input_uri)} does not exist.")
     if fs.isfile(root):
         yield with_protocol(fs, root), None
         return
+    excluded = open_fs(exclude, endpoint_url=endpoint_url)[1].rstrip("/") + "/" if exclude else None
     label_fs, label_root = open_fs(labels_uri, endpoint_url=endpoint_url) if labels_uri else (None, None)
     for directory, _, files in fs.walk(root):
+        if excluded and (directory.rstrip("/") + "/").startswith(excluded):
+            continue
         images = sorted(f for f in files if posixpath.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        if skipped is not None:
+            skipped.update(posixpath.splitext(f)[1].lower() or "(none)" for f in files
+                           if posixpath.splitext(f)[1].lower() not in IMAGE_EXTENSIONS)
         if not images:
             continue
         relative = posixpath.relpath(directory, root.rstrip("/")) if directory.rstrip("/") != root.rstrip("/") else ""
@@ -95,6 +127,10 @@ def _manifest_batches(uri: str, endpoint_url: str | None, batch_rows: int) -> It
             if "image_uri" not in table.column_names:
                 raise ValueError(f"Manifest {redact(uri)} has no 'image_uri' column (columns: {table.column_names}).")
             labels = table["label_uri"] if "label_uri" in table.column_names else pa.nulls(len(table), pa.string())
+            for name, column in (("image_uri", table["image_uri"]), ("label_uri", labels)):
+                kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+                if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+                    raise ValueError(f"Manifest {redact(uri)} column {name!r} must hold URIs as text, not {kind}.")
             yield pa.table({"image_uri": _blank_as_null(table["image_uri"]), "label_uri": _blank_as_null(labels)})
 
 

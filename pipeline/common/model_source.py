@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from segmill.models.spec import ModelSpec
+from segmill.pipeline.common import settings
 from segmill.pipeline.common.storage import open_fs, redact
 
 MLFLOW_CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
@@ -88,6 +89,8 @@ def _from_checkpoint_file(uri: str, endpoint_url: str | None) -> ResolvedModel:
     fs, path = open_fs(uri, endpoint_url=endpoint_url)
     if not fs.exists(path):
         raise ValueError(f"Model {redact(uri)} is neither a registered architecture nor an existing checkpoint file.")
+    if fs.isdir(path):
+        raise ValueError(f"Model {redact(uri)} is a folder; name the checkpoint file in it (e.g. model.pt).")
     with fs.open(path, "rb") as f:
         data = f.read()
     try:
@@ -102,6 +105,10 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> ResolvedModel:
     match = _MLFLOW_URI.match(uri)
     if not match:
         raise ValueError(f"Model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION.")
+    tracking_uri = settings.tracking_uri(tracking_uri)
+    if tracking_uri is None:  # MLflow's own default would quietly create ./mlflow.db wherever the job started
+        raise ValueError(f"Model {uri} names a registered model but no MLflow tracking server is given; pass "
+                         f"--tracking-uri or set {settings.TRACKING_ENV}.")
     import mlflow  # imported here: only jobs that use the registry pay for it
 
     from segmill.models.checkpoint import load_checkpoint

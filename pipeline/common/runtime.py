@@ -5,6 +5,7 @@ import logging
 import os
 
 from segmill.pipeline.common import settings
+from segmill.pipeline.common.storage import first_line, redact
 
 log = logging.getLogger(__name__)
 # Ray's default object store is 30% of memory; Plasma spreads its allocations over the store and every page it
@@ -16,10 +17,12 @@ RAY_DEFAULT_STORE_SHARE = 0.3
 
 
 def ensure_ray(address: str | None = None, job_resources=None) -> None:
-    """Start or join Ray once per process; `address` (or $RAY_ADDRESS) joins an existing cluster.
+    """Start or join Ray once per process; `address` (or $RAY_ADDRESS other than `local`) joins an existing cluster.
 
-    A local cluster started for a bulk job (`job_resources`, its ResourceConfig) gets an object store sized for
-    that job (`local_object_store_bytes`); otherwise Ray's default.
+    Without one, the job starts a Ray of its own (`address="local"`), even when another Ray runs on the machine (a
+    `ray start` head, or another user's job): two jobs never share one by accident. A local cluster started for a
+    bulk job (`job_resources`, its ResourceConfig) gets an object store sized for that job
+    (`local_object_store_bytes`); otherwise Ray's default. A Ray that cannot start or be reached is one sentence.
     """
     import ray
 
@@ -28,11 +31,16 @@ def ensure_ray(address: str | None = None, job_resources=None) -> None:
     address = settings.ray_address(address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = settings.progress_bars()
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        store = local_object_store_bytes(job_resources) if job_resources is not None else None
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=store)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            store = local_object_store_bytes(job_resources) if job_resources is not None else None
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     object_store_memory=store)
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        where = f"The Ray cluster at {redact(address)} cannot be reached" if address else "Ray cannot start here"
+        raise ValueError(f"{where} ({type(exc).__name__}: {first_line(exc)}).") from None
     log.info("Ray resources: %s", ray.cluster_resources())
 
 

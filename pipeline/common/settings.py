@@ -3,11 +3,14 @@
 | variable              | what it sets                                              | unset                          |
 |-----------------------|-----------------------------------------------------------|--------------------------------|
 | `AWS_ENDPOINT_URL`    | S3-compatible endpoint for `s3://` URIs                   | AWS itself                     |
-| `RAY_ADDRESS`         | the Ray cluster a job joins (also the Jobs API address)   | an in-process Ray              |
+| `RAY_ADDRESS`         | the Ray cluster a job joins (also the Jobs API address);  | an in-process Ray              |
+|                       | `local` means an in-process Ray, as unset does            |                                |
 | `MLFLOW_TRACKING_URI` | tracking server and registry (`models:/` URIs, training)  | SQLite beside the run storage  |
 | `SEGMILL_HISTORY`     | the job history folder (local or object storage)          | `.segmill/history`             |
 | `SEGMILL_STATE`       | the schedule store's folder                               | `.segmill/schedules`           |
 | `SEGMILL_PROGRESS`    | `1` turns on Ray Data's progress bars                     | off                            |
+| `SEGMILL_S3_ATTEMPTS` | attempts per S3 request (botocore's standard retry mode:  | 8                              |
+|                       | 500/503/SlowDown, throttling, connection resets, backoff) |                                |
 
 Credentials are never read here: boto3, s3fs and MLflow find them the usual way (environment, profiles, roles).
 Every getter reads the environment when called, so a change takes effect for the next job in the same process.
@@ -22,6 +25,8 @@ TRACKING_ENV = "MLFLOW_TRACKING_URI"
 HISTORY_ENV = "SEGMILL_HISTORY"
 STATE_ENV = "SEGMILL_STATE"
 PROGRESS_ENV = "SEGMILL_PROGRESS"
+S3_ATTEMPTS_ENV = "SEGMILL_S3_ATTEMPTS"
+DEFAULT_S3_ATTEMPTS = 8
 DEFAULT_HISTORY = ".segmill/history"
 DEFAULT_STATE = ".segmill/schedules"
 
@@ -31,7 +36,9 @@ def endpoint_url(given: str | None = None) -> str | None:
 
 
 def ray_address(given: str | None = None) -> str | None:
-    return given or os.environ.get(RAY_ADDRESS_ENV) or None
+    """The cluster to join, or None for a Ray of this process's own (never whatever Ray happens to run here)."""
+    address = given or os.environ.get(RAY_ADDRESS_ENV) or None
+    return None if address == "local" else address
 
 
 def tracking_uri(given: str | None = None) -> str | None:
@@ -48,3 +55,13 @@ def state_folder(given: str | os.PathLike | None = None) -> str:
 
 def progress_bars() -> bool:
     return os.environ.get(PROGRESS_ENV, "0") == "1"
+
+
+def s3_attempts() -> int:
+    """Attempts per S3 request; a value that is not a positive integer is a one-sentence error."""
+    raw = os.environ.get(S3_ATTEMPTS_ENV)
+    if raw is None:
+        return DEFAULT_S3_ATTEMPTS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{S3_ATTEMPTS_ENV}={raw!r} must be a positive whole number of attempts.")
+    return int(raw)

@@ -14,15 +14,18 @@ from segmill.pipeline.common import settings
 _SECRET_QUERY = re.compile(
     r"(?i)([?&][^=&\s\"']*(?:token|secret|key|signature|password|credential|sig|sas)[^=&\s\"']*=)[^&\s\"']+"
 )
+_HTTP_URL = re.compile(r"(?i)https?://[^\s\"']+")  # where query strings carry credentials (pre-signed URLs)
 
 
 def open_fs(uri: str, *, endpoint_url: str | None = None) -> tuple[AbstractFileSystem, str]:
     """Return (filesystem, path inside it) for `uri`; S3 honours `endpoint_url` or $AWS_ENDPOINT_URL."""
-    options = {}
+    options: dict[str, Any] = {}
     if uri.startswith(("s3://", "s3a://")):
         endpoint = settings.endpoint_url(endpoint_url)
         if endpoint:
             options["endpoint_url"] = endpoint
+        # Transient failures (500, 503 SlowDown, throttling, resets) are retried with backoff by botocore itself.
+        options["config_kwargs"] = {"retries": {"max_attempts": settings.s3_attempts(), "mode": "standard"}}
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
@@ -48,7 +51,8 @@ def with_protocol(fs: AbstractFileSystem, path: str) -> str:
 
 
 def redact(text: str) -> str:
-    """Remove credentials from a URI or message: user:password@ in URLs and secret-looking query values."""
+    """Remove credentials from a URI or message: user:password@ in URLs, and secret-looking query values of http(s)
+    URLs (pre-signed ones). Local paths and other URIs keep their names whole: `x?sig=1.png` is a file's name."""
 
     def _strip_userinfo(match: re.Match) -> str:
         parts = urlsplit(match.group(0))
@@ -58,7 +62,7 @@ def redact(text: str) -> str:
         return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
     text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s@\"']+@[^\s\"']*", _strip_userinfo, text)
-    return _SECRET_QUERY.sub(r"\1***", text)
+    return _HTTP_URL.sub(lambda m: _SECRET_QUERY.sub(r"\1***", m.group(0)), text)
 
 
 def redact_values(value: Any) -> Any:

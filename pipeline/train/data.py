@@ -162,7 +162,7 @@ def decode_and_augment(batch: dict[str, np.ndarray], *, num_classes: int, ignore
             continue
         generator = torch.Generator().manual_seed(int(seed))
         tensor, mask = random_scale_crop_flip(torch.from_numpy(image).permute(2, 0, 1).float(),
-                                              torch.from_numpy(label).long(), crop, generator=generator,
+                                              torch.from_numpy(label.astype(np.int64)), crop, generator=generator,
                                               scale_range=scale_range, ignore_index=ignore_index,
                                               focus_class=int(crop_class) if crop_class >= 0 else None)
         images.append(tensor.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())

@@ -17,19 +17,21 @@ from segmill.models.checkpoint import ModelSpec
 from segmill.models.registry import list_models
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.classes import load_class_file
+from segmill.pipeline.common.decode import DecodeError
 from segmill.pipeline.common.model_source import resolve_model
 from segmill.pipeline.common.runtime import ensure_ray
 from segmill.pipeline.common.storage import arrow_filesystem, join_uri, open_fs, protocol_of, redact
 from segmill.pipeline.tracking import check_reachable, client, experiment_id, latest_evaluation
 from segmill.pipeline.train.bootstrap import hard_classes_from_iou, hard_classes_from_results
 from segmill.pipeline.train.config import AUTO, TrainConfig
-from segmill.pipeline.train.data import LabelledSet, load_sets
+from segmill.pipeline.train.data import LabelledSet, load_sets, read_pair
 from segmill.pipeline.train.finish import TrainOutcome, finish_run, log_run_start
 from segmill.pipeline.train.loop import LoopConfig, train_loop_per_worker
 from segmill.pipeline.train.sampling import choose_sampling, class_stats, class_weights, plan_summary
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "segmill-run.json"
+PROBED_PAIRS = 8
 
 
 def train(config: TrainConfig) -> TrainOutcome:
@@ -47,6 +49,8 @@ def train(config: TrainConfig) -> TrainOutcome:
                                    config.val_fraction, len(classes.names), endpoint_url=config.endpoint_url,
                                    ignore_index=classes.ignore_index)
     skipped = _report_skipped(train_set, val_set)
+    for name, subset in (("training", train_set), ("validation", val_set)):
+        probe_pairs(subset, name, len(classes.names), classes.ignore_index, config.endpoint_url)
     stats = class_stats(train_set.index, len(classes.names))
     hard, hard_source = resolve_hard_classes(config, classes.names, tracking_uri,
                                              tie_break=dict(zip(classes.names, stats.frequency.tolist())))
@@ -147,6 +151,23 @@ def resolve_hard_classes(config: TrainConfig, class_names: tuple[str, ...], trac
     iou = {name: evaluation.iou.get(name) for name in class_names}
     hard = hard_classes_from_iou(iou, config.hard_class_count, tie_break=tie_break)
     return hard, f"champion {evaluation.kind} run {evaluation.run_id}"
+
+
+def probe_pairs(subset: LabelledSet, name: str, num_classes: int, ignore_index: int, endpoint_url: str | None,
+                count: int = PROBED_PAIRS) -> None:
+    """Decode the first `count` pairs of a set: when none decodes (e.g. every label of the wrong size, which the
+    class index cannot see), fail now in one sentence rather than train on nothing."""
+    usable = subset.usable
+    reasons = []
+    for image_uri, label_uri in zip(usable["image_uri"].to_pylist()[:count], usable["label_uri"].to_pylist()[:count]):
+        try:
+            read_pair(image_uri, label_uri, num_classes, ignore_index, endpoint_url)
+            return
+        except DecodeError as exc:
+            reasons.append(str(exc))
+    if reasons:
+        raise ValueError(f"None of the first {len(reasons)} {name} pairs can be used ({reasons[0]}); fix the "
+                         "labels or the pairing before training.")
 
 
 def _report_skipped(train_set: LabelledSet, val_set: LabelledSet) -> dict[str, int]:

@@ -161,6 +161,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(confusion)
             dist.all_reduce(totals)
+        if not totals[4]:  # no valid crop in the whole epoch, on any worker
+            raise ValueError(f"No training pair of epoch {epoch} could be decoded; see the skipped pairs in the log.")
         metrics = SegmentationMetrics.from_confusion(confusion)
         figures = {"epoch": epoch, **seen.figures(totals, spec.classes, train_seconds),
                    "epoch_seconds": time.time() - started, "lr": optimizer.param_groups[-1]["lr"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from segmill.models.checkpoint import ModelSpec
@@ -31,7 +32,7 @@ def confusion_on_pairs(model: torch.nn.Module, spec: ModelSpec, pairs: list[tupl
                 log.warning("skipping validation pair: %s", exc)
                 skipped += 1
                 continue
-            accumulator.update(predictor.predict(image)[0], torch.from_numpy(label).to(device))
+            accumulator.update(predictor.predict(image)[0], torch.from_numpy(label.astype(np.int64)).to(device))
     return accumulator.confusion, skipped
 
 

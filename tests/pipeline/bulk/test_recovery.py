@@ -26,7 +26,7 @@ def test_lost_images_become_error_rows_exactly_once(scenes_dir: Path, tiny_check
                            output=str(tmp_path / "out"), model=tiny_checkpoint)
     plan = prepare(config)
     images = sorted(str(p) for p in (scenes_dir / "images").glob("*.png"))
-    survivors = error_rows(images[:3], [None] * 3, ["x"] * 3, len(SCENE_CLASSES))  # stands for committed rows
+    survivors = error_rows(images[:3], [None] * 3, ["x"] * 3, len(SCENE_CLASSES), "input")  # stands for committed rows
     table = build_table(survivors, SCENE_CLASSES, job_id=plan.job_id, model_name="m", model_version="1")
     commit_table(table, config.output, plan.job_id, endpoint_url=None, row_group_rows=100)
 

@@ -324,6 +324,7 @@ def test_a_queue_budget_smaller_than_one_block_still_finishes(ray_session, tiny_
 
 
 def test_a_mask_does_not_depend_on_its_batch(tiny_checkpoint: str) -> None:
+    from segmill.pipeline.bulk.rows import decoded_rows
     from segmill.pipeline.bulk.segmenter import Segmenter
     from segmill.pipeline.common.scenes import render_scene
 
@@ -331,11 +332,10 @@ def test_a_mask_does_not_depend_on_its_batch(tiny_checkpoint: str) -> None:
     # to a larger neighbour's size is what would change its edges.
     images = [render_scene(5, i)[0][:h, :w] for i, (h, w) in enumerate([(64, 96), (96, 96), (64, 64), (96, 64)])]
     n = len(images)
-    batch = {"image_uri": np.array([f"/x/{i}.png" for i in range(n)], dtype=object),
-             "label_uri": np.array([""] * n, dtype=object), "status": np.array(["ok"] * n, dtype=object),
-             "error": np.array([""] * n, dtype=object), "label": np.array([b""] * n, dtype=object),
-             "height": np.array([im.shape[0] for im in images]), "width": np.array([im.shape[1] for im in images]),
-             "pixels": np.array([im.tobytes() for im in images], dtype=object)}
+    batch = decoded_rows([f"/x/{i}.png" for i in range(n)], [None] * n)
+    batch["height"][:] = [im.shape[0] for im in images]
+    batch["width"][:] = [im.shape[1] for im in images]
+    batch["pixels"] = np.array([im.tobytes() for im in images], dtype=object)
     segmenter = Segmenter(Path(tiny_checkpoint).read_bytes(), use_gpu=False, torch_threads=1, options=InferenceOptions(batch_size=n))
     together = segmenter(batch)
     for i in range(n):

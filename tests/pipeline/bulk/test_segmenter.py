@@ -8,20 +8,20 @@ import pytest
 
 from segmill.models.options import InferenceOptions
 from segmill.pipeline.bulk.results import build_table
-from segmill.pipeline.bulk.rows import ERROR, OK
+from segmill.pipeline.bulk.rows import ERROR, OK, decoded_rows
 from segmill.pipeline.bulk.segmenter import Segmenter
 from segmill.pipeline.bulk.stages import encode_masks
 from segmill.pipeline.common.scenes import SCENE_CLASSES, render_scene
 
 
 def _batch(uris: list[str]) -> dict[str, np.ndarray]:
+    """Decode-stage rows (rows.DECODED) of rendered scenes."""
     images = [render_scene(9, i)[0] for i in range(len(uris))]
-    n = len(uris)
-    return {"image_uri": np.array(uris, dtype=object), "label_uri": np.array([""] * n, dtype=object),
-            "status": np.array([OK] * n, dtype=object), "error": np.array([""] * n, dtype=object),
-            "height": np.array([im.shape[0] for im in images]), "width": np.array([im.shape[1] for im in images]),
-            "pixels": np.array([im.tobytes() for im in images], dtype=object),
-            "label": np.array([b""] * n, dtype=object)}
+    rows = decoded_rows(uris, [None] * len(uris))
+    rows["height"][:] = [im.shape[0] for im in images]
+    rows["width"][:] = [im.shape[1] for im in images]
+    rows["pixels"] = np.array([im.tobytes() for im in images], dtype=object)
+    return rows
 
 
 def test_a_failing_image_becomes_one_error_row_and_the_rest_are_segmented(tiny_checkpoint: str, monkeypatch) -> None:
@@ -38,6 +38,7 @@ def test_a_failing_image_becomes_one_error_row_and_the_rest_are_segmented(tiny_c
     out = segmenter(_batch(uris))
     assert list(out["status"]) == [OK, ERROR, OK, OK]
     assert out["error"][1].startswith("poison.png failed in the model (RuntimeError")
+    assert out["error_kind"][1] == "infrastructure" and out["error_kind"][0] == "", "a model failure is retried"
     assert out["mask"][1] is None and all(out["mask"][i] is not None for i in (0, 2, 3))
     table = build_table(encode_masks(out, num_classes=len(SCENE_CLASSES)), SCENE_CLASSES, job_id="j", model_name="m",
                         model_version="1")

@@ -143,3 +143,23 @@ def test_an_unreachable_tracking_server_fails_the_job_before_training(tmp_path):
     with pytest.raises(ValueError, match=f"MLflow tracking server http://127.0.0.1:{port} is unreachable"):
         train(config)
     assert time.time() - started < 60 and not (tmp_path / "runs").exists()
+
+
+def test_training_on_no_usable_pair_fails_before_training_and_registers_nothing(tmp_path):
+    """All labels of the wrong size: the job exited 0 with val mIoU nan, and registered the result as champion."""
+    import time
+
+    from segmill.pipeline.train.driver import train
+
+    write_scenes(str(tmp_path / "set"), 6, seed=1)
+    for label in (tmp_path / "set" / "labels").glob("*.png"):
+        label.write_bytes(encode_png(np.zeros((5, 5), np.uint8)))  # the class index cannot see a size
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    config = TrainConfig(images=str(tmp_path / "set" / "images"), labels=str(tmp_path / "set" / "labels"),
+                         classes=str(tmp_path / "set" / "classes.yaml"), storage_path=str(tmp_path / "runs"),
+                         tracking_uri=tracking, register="scenes", val_fraction=0.5)
+    started = time.time()
+    with pytest.raises(ValueError, match=r"None of the first \d+ training pairs can be used \(Label .* is 5x5 but "):
+        train(config)
+    assert time.time() - started < 30, "before any worker starts"
+    assert mlflow.MlflowClient(tracking_uri=tracking).search_registered_models() == []
