@@ -51,6 +51,7 @@ def train(
     gpus: Optional[bool] = typer.Option(None, "--gpus/--no-gpus", help=_help("use_gpu")),
     cpus_per_worker: Optional[float] = typer.Option(None, help=_help("cpus_per_worker")),
     torch_threads: Optional[int] = typer.Option(None, help=_help("torch_threads")),
+    placement_strategy: Optional[str] = typer.Option(None, help=_help("placement_strategy")),
     register_as: Optional[str] = typer.Option(None, "--register", help=_help("register")),
     champion_margin: Optional[float] = typer.Option(None, help=_help("champion_margin")),
     storage_path: Optional[str] = typer.Option(None, "--storage", help=_help("storage_path")),
@@ -77,7 +78,8 @@ def train(
                        hard_classes_from=hard_classes_from, sampling=sampling,
                        sampling_temperature=sampling_temperature, bootstrap_factor=bootstrap_factor,
                        hard_crop_share=hard_crop_share, workers=workers, use_gpu=gpus,
-                       cpus_per_worker=cpus_per_worker, torch_threads=torch_threads, register=register_as,
+                       cpus_per_worker=cpus_per_worker, torch_threads=torch_threads,
+                       placement_strategy=placement_strategy, register=register_as,
                        champion_margin=champion_margin, storage_path=storage_path, run_name=run_name, resume=resume,
                        tracking_uri=tracking_uri, ray_address=address, endpoint_url=endpoint_url, seed=seed)
         cfg = TrainConfig.from_yaml(str(config), values) if config else TrainConfig.from_dict(values, "command line")

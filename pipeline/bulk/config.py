@@ -31,6 +31,9 @@ class ResourceConfig(Config):
     gpus_per_actor: Annotated[float, Field(ge=0)] | None = Field(
         None, description="GPUs per model actor (default 1 where the cluster has GPUs).")
     cpus_per_actor: Annotated[float, Field(gt=0)] | None = None
+    actor_resources: dict[str, float] | None = Field(
+        None, description="Custom Ray resources each model actor needs, e.g. {\"gpu_node\": 1}, to place the actors "
+                          "on the nodes that have them.")
     torch_threads: Positive | None = None
     decode_cpus: Annotated[float, Field(gt=0)] = 0.5
     decode_batch_size: Positive = 16

@@ -76,6 +76,7 @@ def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listin
         .map_batches(SegmenterStage, batch_size=resources.batch_size, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
                      num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
+                     resources=resources.actor_resources,
                      max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
                      **_model_process_env(resources),
                      fn_constructor_kwargs=dict(checkpoint=plan.model.checkpoint, use_gpu=use_gpu,

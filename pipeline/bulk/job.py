@@ -37,7 +37,7 @@ from segmill.pipeline.common.listing import (
     iter_image_batches,
 )
 from segmill.pipeline.common.model_source import ModelCheck
-from segmill.pipeline.common.runtime import ensure_ray
+from segmill.pipeline.common.runtime import ensure_ray, refuse_local_paths
 from segmill.pipeline.common.storage import check_writable, join_uri, open_fs, redact
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def segment(config: SegmentConfig) -> JobRecord:
         dataset = None
         if plan.pending:
             ensure_ray(config.ray_address, config.resources)
+            refuse_local_paths({"input": config.input, "labels": config.labels, "output": config.output})
             dataset = build_dataset(config, plan)
         return run(config, plan, dataset, started=started, lease=lease)
     finally:

@@ -5,7 +5,7 @@ import logging
 import os
 
 from segmill.pipeline.common import settings
-from segmill.pipeline.common.storage import first_line, redact
+from segmill.pipeline.common.storage import first_line, protocol_of, redact
 
 log = logging.getLogger(__name__)
 # Ray's default object store is 30% of memory; Plasma spreads its allocations over the store and every page it
@@ -80,3 +80,16 @@ def _local_gpus() -> int | None:
         log.warning("could not count this machine's GPUs (%s); the local object store keeps Ray's default size",
                     error)
         return None
+
+
+def refuse_local_paths(paths: dict[str, str | None]) -> None:
+    """On a cluster of more than one node, a local path is on one machine only: the tasks and workers on the
+    others cannot read or write it. Say so in one sentence, naming the first such input or output."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    for what, uri in paths.items():
+        if nodes > 1 and uri and protocol_of(uri) == "file":
+            raise ValueError(f"The Ray cluster has {nodes} nodes, so {what} {redact(uri)} (a path on this machine) "
+                             "cannot be reached from all of them; put it on shared storage (s3://... or another "
+                             "fsspec URI).")

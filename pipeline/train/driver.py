@@ -19,7 +19,7 @@ from segmill.pipeline.common import settings
 from segmill.pipeline.common.classes import load_class_file
 from segmill.pipeline.common.decode import DecodeError
 from segmill.pipeline.common.model_source import resolve_model
-from segmill.pipeline.common.runtime import ensure_ray
+from segmill.pipeline.common.runtime import ensure_ray, refuse_local_paths
 from segmill.pipeline.common.storage import arrow_filesystem, join_uri, open_fs, protocol_of, redact
 from segmill.pipeline.tracking import check_reachable, client, experiment_id, latest_evaluation
 from segmill.pipeline.train.bootstrap import hard_classes_from_iou, hard_classes_from_results
@@ -68,6 +68,8 @@ def train(config: TrainConfig) -> TrainOutcome:
                     "on one", summary["hard_share_after"], summary["hard_crops_planned"], config.hard_crop_share)
 
     ensure_ray(config.ray_address)
+    refuse_local_paths({"images": config.images, "labels": config.labels, "val_images": config.val_images,
+                        "val_labels": config.val_labels, "storage": config.storage_path})
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -97,7 +99,8 @@ def train(config: TrainConfig) -> TrainOutcome:
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker},
+                                     placement_strategy=config.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -25,7 +25,7 @@ from segmill.pipeline.train.config import TrainConfig
 from segmill.pipeline.train.driver import RUN_RECORD, train
 
 SEGMILL = str(Path(sys.executable).with_name("segmill"))
-TINY = dict(model="unet", arch_kwargs={"base_channels": 8, "depth": 2}, batch_size=4, crop_size=64, lr=0.05,
+TINY = dict(model="unet", arch_kwargs={"base_channels": 8, "depth": 2}, batch_size=4, crop_size=64,
             cpus_per_worker=1.0, val_fraction=0.25)
 
 
