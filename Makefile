@@ -6,7 +6,7 @@ STAMP := $(VENV)/.segmill-installed
 STATE ?= .segmill
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-gpu bench bench-train experiment venv clean
+.PHONY: run test test-slow test-gpu bench bench-train experiment venv browser clean
 
 venv: $(STAMP)
 
@@ -21,8 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(VENV)/bin/segmill demo --state $(STATE)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# Debian's Chromium, for the tests that open the HTML reports: installed once where root and apt-get are (a
+# minute); elsewhere those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the report tests (once)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+			echo "chromium could not be installed: the report tests will skip"; \
+	else echo "no chromium here (apt-get install chromium): the report tests will skip"; fi
 
 # Long-running checks left out of `make test` (marked `slow`).
 test-slow: $(STAMP)

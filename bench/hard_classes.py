@@ -105,6 +105,16 @@ def _epoch_images(config) -> int:
     return epoch_size(stats, hard_ids, sampling, config.bootstrap_factor)
 
 
+def _class_names(name: str, datasets: Path) -> tuple[str, ...]:
+    if name == "camvid":
+        import yaml
+
+        return tuple(c["name"] for c in yaml.safe_load((datasets / "camvid" / "classes.yaml").read_text())["classes"])
+    from segmill.pipeline.common.scenes import SCENE_CLASSES
+
+    return SCENE_CLASSES
+
+
 def summarise(runs: list[dict[str, Any]], classes: tuple[str, ...], hard: tuple[str, ...]) -> str:
     """Markdown: per method, mean (spread) of mIoU, of the hard classes' mean IoU, per-class IoU, time, speed."""
     methods = list(dict.fromkeys(r["method"] for r in runs))
@@ -149,21 +159,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=8000, help="training samples per run (epochs follow)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a TrainConfig value for every run, e.g. crop_size=256 or precision='\"bf16\"'")
+    parser.add_argument("--runs", help="explicit METHOD:SEED pairs in this order, e.g. the seeds that matter first: "
+                                           "baseline:0,hard_crops:0,baseline:1 (instead of --methods x --seeds)")
     parser.add_argument("--json", type=Path, default=Path(".segmill/bench/hard_classes.json"))
+    parser.add_argument("--table", type=Path, nargs="+", help="print the table of these saved JSON files (their "
+                                                              "runs together) and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        saved = [json.loads(path.read_text()) for path in args.table]
+        names = _class_names(args.data, args.datasets)
+        print(summarise([r for s in saved for r in s["runs"]], names, CAMVID_HARD if args.data == "camvid" else SCENES_HARD))
+        return
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    pairs = [(m, int(s)) for m, s in (item.rsplit(":", 1) for item in args.runs.split(","))] if args.runs else \
+        [(m, int(s)) for s in args.seeds.split(",") for m in args.methods.split(",")]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="segmill-hard-classes-") as folder:
         root = Path(folder)
         data, classes, hard = _data(args.data, root, args.datasets)
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            for method in args.methods.split(","):
-                print(f"== {method}, seed {seed}", flush=True)
-                runs.append(run_one(method, seed, args.samples, data, hard, root, extra))
-                print(json.dumps({k: runs[-1][k] for k in ("miou", "best_miou", "seconds", "samples")}), flush=True)
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": runs},
-                                                indent=2, default=str))
+        for method, seed in pairs:  # one run per (method, seed), in the order asked; saved after each
+            print(f"== {method}, seed {seed}", flush=True)
+            runs.append(run_one(method, seed, args.samples, data, hard, root, extra))
+            print(json.dumps({k: runs[-1][k] for k in ("miou", "best_miou", "seconds", "samples")}), flush=True)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": runs},
+                                            indent=2, default=str))
     print(summarise(runs, classes, hard))
 
 

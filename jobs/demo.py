@@ -17,15 +17,17 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from segmill.jobs.progress import ProgressView
+from segmill.jobs.progress import images as progress_line
 from segmill.jobs.query import connect
+from segmill.jobs.report import try_write_report
+from segmill.jobs.summary import segment_summary
 from segmill.models.checkpoint import ModelSpec, save_checkpoint
-from segmill.models.iou import nanmean
 from segmill.models.metrics import ConfusionAccumulator
 from segmill.models.predict import Predictor, normalize
 from segmill.models.training import autocast_dtype, optimizer_with_poly, random_scale_crop_flip, train_step
 from segmill.pipeline.bulk.config import SegmentConfig
 from segmill.pipeline.bulk.job import segment
-from segmill.pipeline.bulk.results import dataset_iou
 from segmill.pipeline.common.scenes import (
     SCENE_CLASSES,
     SCENE_PALETTE,
@@ -108,24 +110,16 @@ def run_demo(state: Path, images: int, console: Console) -> None:
         (scenes_dir / "images" / "broken.png").write_bytes(b"not an image")  # shows a bad file becoming an error row
     shutil.rmtree(results, ignore_errors=True)  # the demo runs afresh each time; real jobs resume instead
     console.print(f"Segmenting {images + 1} images with an in-process Ray...")
-    record = segment(SegmentConfig(input=str(scenes_dir / "images"), labels=str(scenes_dir / "labels"),
-                                   output=str(results), model=str(checkpoint), export_png=True))
-    _summarise(record, results, console)
-
-
-def _summarise(record, results: Path, console: Console) -> None:
-    console.print(f"job {record.job_id}: {record.rows} rows, {record.ok_rows} ok, {record.error_rows} error(s); "
-                  f"model {record.model_name} {record.model_version}; {record.images_per_second} img/s")
-    con = connect(str(results))
-    for uri, error in con.sql("SELECT image_uri, error FROM results WHERE status = 'error'").fetchall():
-        console.print(f"  error row: {error}")
-    iou = dataset_iou(str(results), SCENE_CLASSES)
-    per_class = ", ".join(f"{c} {v:.3f}" for c, v in iou.items() if v == v)  # v != v: NaN, the class never seen
-    accuracy = con.sql("SELECT sum(correct_pixels) / sum(labelled_pixels) FROM results").fetchall()[0][0]
-    console.print(f"dataset IoU from the table: {per_class}; mIoU {nanmean(list(iou.values())):.3f}; "
-                  f"pixel accuracy {accuracy:.3f}")
+    started = time.time()
+    with ProgressView(console, progress_line, title="segment") as view:
+        record = segment(SegmentConfig(input=str(scenes_dir / "images"), labels=str(scenes_dir / "labels"),
+                                       output=str(results), model=str(checkpoint), export_png=True), progress=view)
+    seconds = time.time() - started
+    report = try_write_report(str(results))
+    for line in segment_summary(record, str(results), seconds=seconds, report=report):
+        console.print(line, highlight=False, markup=False)
     example = "SELECT image_uri, round(miou, 3) AS miou, round(class_fraction.vehicle, 3) AS vehicle FROM results " \
               "WHERE status = 'ok' ORDER BY miou LIMIT 3"
-    console.print(f"\nResults: {results}/part-*.parquet (overlays in {results}/png/overlays). Example query:")
-    console.print(f'  segmill query {results} "{example}"')
-    console.print(con.sql(example))
+    console.print(f"\nThe three images the model did worst on (overlays in {results}/png/overlays):", highlight=False)
+    console.print(f'  segmill query {results} "{example}"', highlight=False, markup=False)
+    console.print(connect(str(results)).sql(example))

@@ -22,7 +22,7 @@ OUTPUT_FORMATS = (".csv", ".json", ".parquet")
 
 def connect(results: str, *, endpoint_url: str | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with `results` as a view over the committed part files (no extension downloads)."""
-    from segmill.pipeline.bulk.results import committed_parts
+    from segmill.pipeline.bulk.results import RENAMED, committed_parts
 
     try:
         found = committed_parts(results, endpoint_url)
@@ -35,7 +35,13 @@ def connect(results: str, *, endpoint_url: str | None = None) -> duckdb.DuckDBPy
         fs, _ = open_fs(results, endpoint_url=endpoint_url)
         con.register_filesystem(fs)
     pattern = join_uri(results, "part-*.parquet").replace("'", "''")
-    con.execute(f"CREATE VIEW results AS SELECT * FROM read_parquet('{pattern}')")
+    source = f"read_parquet('{pattern}', union_by_name = true)"
+    columns = {row[0] for row in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    renamed = ", ".join(f"coalesce({ident(new)}, {ident(old)}) AS {new}" if new in columns else f"{ident(old)} AS {new}"
+                        for new, old in RENAMED.items() if old in columns)
+    replaced = ", ".join(ident(new) for new, old in RENAMED.items() if new in columns and old in columns)
+    select = f"* EXCLUDE ({replaced}), {renamed}" if replaced else f"*, {renamed}" if renamed else "*"
+    con.execute(f"CREATE VIEW results AS SELECT {select} FROM {source}")  # old tables: the new names too
     return con
 
 
@@ -99,11 +105,11 @@ def table_classes(con: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
 def iou_sql(classes: tuple[str, ...]) -> str:
     """Exact dataset IoU per class from the summed counts, then mIoU over the classes with a defined IoU."""
     per_class = "\n  UNION ALL ".join(
-        f"SELECT {i} AS ord, {literal(c)} AS class, sum(intersection.{ident(c)}) AS intersection, "
-        f'sum("union".{ident(c)}) AS "union" FROM results WHERE status = \'ok\'' for i, c in enumerate(classes))
+        f"SELECT {i} AS ord, {literal(c)} AS class, sum(intersection_pixels.{ident(c)}) AS intersection_pixels, "
+        f"sum(union_pixels.{ident(c)}) AS union_pixels FROM results WHERE status = 'ok'" for i, c in enumerate(classes))
     return (f"WITH per_class AS (\n  {per_class}\n),\n"
-            'scored AS (SELECT *, intersection / nullif("union", 0) AS iou FROM per_class)\n'
-            'SELECT class, intersection, "union", iou FROM (\n'
+            "scored AS (SELECT *, intersection_pixels / nullif(union_pixels, 0) AS iou FROM per_class)\n"
+            "SELECT class, intersection_pixels, union_pixels, iou FROM (\n"
             '  SELECT * FROM scored\n'
             f"  UNION ALL SELECT {len(classes)}, 'mIoU', NULL, NULL, avg(iou) FROM scored\n"
             ") ORDER BY ord")

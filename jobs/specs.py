@@ -1,4 +1,4 @@
-"""Job specs: YAML with `kind: segment|train|evaluate` plus that kind's keys, validated before anything runs.
+"""Job specs: YAML with `kind: segment|train|evaluate|improve` plus that kind's keys, validated before anything runs.
 
     kind: segment
     input: s3://bucket/images/
@@ -21,10 +21,12 @@ from segmill.pipeline.bulk.evaluate import EvaluateConfig
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.config import read_spec_file
 from segmill.pipeline.common.storage import check_listable, check_writable, first_line
+from segmill.pipeline.loop.improve import ImproveConfig
 from segmill.pipeline.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
-KINDS: dict[str, type] = {"segment": SegmentConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
+KINDS: dict[str, type] = {"segment": SegmentConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+                          "improve": ImproveConfig}
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,13 @@ def check_inputs(spec: JobSpec) -> None:
             from segmill.pipeline.tracking import resolved_tracking_uri
 
             tracking = resolved_tracking_uri(None)
+    elif spec.kind == "improve":
+        readable = {"images": c.images, "labels": c.labels, "classes": c.classes, "val_images": c.val_images,
+                    "val_labels": c.val_labels, "segment_input": c.segment_input}
+        writable = {"output": c.output, **({"segment_output": c.segment_output} if c.segment_output else {})}
+        tracking = settings.tracking_uri(c.tracking_uri)
+        if not tracking:
+            raise ValueError(f"{where} needs tracking_uri (or ${settings.TRACKING_ENV}): its model lives in MLflow.")
     else:
         readable = {"images": c.images, "labels": c.labels, "classes": c.classes, "val_images": c.val_images,
                     "val_labels": c.val_labels, "hard_classes_from": c.hard_classes_from,
@@ -104,29 +113,46 @@ def _registry_tracking(model: str) -> str | None:
 # ---- running
 
 def run_spec(spec: str | dict[str, Any], *, address: str | None = None, history_uri: str | None = None,
-             job_id: str | None = None, check: bool = True) -> dict[str, Any]:
+             job_id: str | None = None, check: bool = True, progress: Any = None) -> dict[str, Any]:
     """Run a spec in this process (no address) or submit it to the Ray cluster at `address` (its Jobs API).
 
     Returns a small dict: job_id, kind, status, output, model_name, model_version (and miou/champion where the
-    kind has them); for a submission, status is PENDING and the id is the Ray submission id.
+    kind has them); for a submission, status is PENDING and the id is the Ray submission id. `progress` is
+    the improve job's view factory (pipeline/loop/improve.py), ignored by the other kinds and by submissions.
     """
     job = load_spec(spec)
     if check:
         check_inputs(job)
+    job, job_id = with_job_id(job, job_id)
     if address:
         return submit.submit(job.kind, job.data, job.source, job.output, address, history_uri=history_uri,
                              job_id=job_id)
-    return run_local(job, job_id=job_id or history.new_job_id(job.kind), history_uri=history_uri)
+    return run_local(job, job_id=job_id, history_uri=history_uri, progress=progress)
 
 
-def run_local(job: JobSpec, *, job_id: str, history_uri: str | None = None) -> dict[str, Any]:
+def with_job_id(job: JobSpec, job_id: str | None = None) -> tuple[JobSpec, str]:
+    """One id per job, everywhere: a segment job's own id (given, or derived from its spec so that a re-run
+    resumes) is its id in the history, on the cluster and in its results table; a train job's new id also
+    names its MLflow and Ray Train run (unless the spec names one, or resumes)."""
+    if job.kind == "segment":
+        job_id = job_id or job.config.resolved_job_id()
+        data = {**job.data, "job_id": job_id}
+    else:
+        job_id = job_id or history.new_job_id(job.kind)
+        data = dict(job.data)
+        if job.kind == "train" and not job.config.run_name and not job.config.resume:
+            data["run_name"] = job_id
+    return load_spec(data) if data != job.data else job, job_id
+
+
+def run_local(job: JobSpec, *, job_id: str, history_uri: str | None = None, progress: Any = None) -> dict[str, Any]:
     """Run `job` here, recording `started` and `finished` events (FAILED with the error's sentence on failure)."""
     started = history.now()
     event = dict(job_id=job_id, kind=job.kind)
     history.record_event(history.JobEvent(**event, event="started", status="RUNNING", spec=job.data,
                                           submitted_at=started, output=job.output), history_uri)
     try:
-        result = RUNNERS[job.kind](job.config)
+        result = _run_improve(job.config, progress) if job.kind == "improve" else RUNNERS[job.kind](job.config)
     except BaseException as exc:
         history.record_event(history.JobEvent(**event, event="finished", status="FAILED", finished_at=history.now(),
                                               message=f"{type(exc).__name__}: {first_line(exc)}"), history_uri)
@@ -138,13 +164,15 @@ def run_local(job: JobSpec, *, job_id: str, history_uri: str | None = None) -> d
 
 
 def _run_segment(config: SegmentConfig) -> dict[str, Any]:
+    from segmill.jobs.report import try_write_report
     from segmill.pipeline.bulk.job import (
         segment,  # imported here: a submission needs none of the job's code
     )
 
     record = segment(config)
+    report = try_write_report(config.output, endpoint_url=config.endpoint_url) if record.rows else None
     return {"output": config.output, "model_name": record.model_name, "model_version": record.model_version,
-            "rows": record.rows, "error_rows": record.error_rows}
+            "rows": record.rows, "error_rows": record.error_rows, "report": report}
 
 
 def _run_train(config: TrainConfig) -> dict[str, Any]:
@@ -166,6 +194,15 @@ def _run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "miou": outcome.miou, "evaluation_run_id": outcome.evaluation_run_id}
 
 
+def _run_improve(config: ImproveConfig, progress: Any = None) -> dict[str, Any]:
+    from segmill.pipeline.loop.improve import improve
+
+    outcome = improve(config, progress)
+    return {"output": outcome.report, "model_name": outcome.model,
+            "model_version": outcome.new_version if outcome.promoted else outcome.champion_version,
+            "promoted": outcome.promoted, "decision": outcome.decision, "resegmented": outcome.resegmented}
+
+
 RUNNERS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "segment": _run_segment, "train": _run_train, "evaluate": _run_evaluate,
+    "segment": _run_segment, "train": _run_train, "evaluate": _run_evaluate, "improve": _run_improve,
 }

@@ -24,6 +24,7 @@ from segmill.pipeline.common.storage import first_line, protocol_of, redact
 SPEC_FILE = "segmill-job.yaml"
 ENTRYPOINT = 'python -c "from segmill.jobs.cli import main; main()" run-spec'
 KIND_KEY = "segmill.kind"
+JOB_KEY = "segmill.job_id"  # the job's id, which `jobs status|logs|stop` take: a re-submitted job keeps it
 # Passed to the job when set here; credentials are not: the cluster brings its own (service account, secrets).
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -88,34 +89,44 @@ def history_for_cluster(history_uri: str | None, address: str) -> str | None:
 def submit(kind: str, spec: dict[str, Any], source: str, output: str, address: str, *,
            history_uri: str | None = None, job_id: str | None = None) -> dict[str, Any]:
     """Submit a validated spec (its kind, mapping, where it came from and its output); returns at once with the
-    submission id (also the job's id in the history)."""
+    job's id. Ray's submission id is the job id, with a suffix when the job was submitted before (a resumed
+    segment job): Ray wants a new one per submission, a person one per job."""
     jobs = client(address)
     job_id = job_id or history.new_job_id(kind)
     submitted = history.now()
+    earlier = [info for info in jobs.list_jobs() if (info.metadata or {}).get(JOB_KEY) == job_id]
+    submission_id = f"{job_id}-{len(earlier) + 1}" if earlier else job_id
     with tempfile.TemporaryDirectory(prefix="segmill-submit-") as tmp:
         env = runtime_env(spec, Path(tmp), history_for_cluster(history_uri, address))
         try:
-            submission = jobs.submit_job(entrypoint=f"{ENTRYPOINT} {SPEC_FILE} --job-id {job_id}",
-                                         submission_id=job_id, runtime_env=env,
-                                         metadata={KIND_KEY: kind, "segmill.spec": source[:200]})
+            jobs.submit_job(entrypoint=f"{ENTRYPOINT} {SPEC_FILE} --job-id {job_id}",
+                            submission_id=submission_id, runtime_env=env,
+                            metadata={KIND_KEY: kind, JOB_KEY: job_id, "segmill.spec": source[:200]})
         except Exception as exc:
             raise ValueError(f"Submitting {source} to {redact(address)} failed "
                              f"({type(exc).__name__}: {first_line(exc)}).") from None
-    history.record_event(history.JobEvent(job_id=submission, event="submitted", kind=kind, status="PENDING",
+    history.record_event(history.JobEvent(job_id=job_id, event="submitted", kind=kind, status="PENDING",
                                           spec=spec, address=address, submitted_at=submitted, output=output),
                          history_uri)
-    return {"job_id": submission, "kind": kind, "status": "PENDING", "address": address, "output": output}
+    return {"job_id": job_id, "kind": kind, "status": "PENDING", "address": address, "output": output,
+            "submission_id": submission_id}
 
 
-def job_info(job_id: str, address: str | None) -> dict[str, Any]:
-    """Status, message, times and kind of one job on the cluster."""
-    jobs = client(address)
+def _submission(jobs, job_id: str):
+    """The cluster's latest submission of a job (by segmill's job id, or a Ray submission id as such)."""
+    mine = [info for info in jobs.list_jobs() if (info.metadata or {}).get(JOB_KEY) == job_id]
+    if mine:
+        return max(mine, key=lambda info: info.start_time or 0)
     try:
-        info = jobs.get_job_info(job_id)
+        return jobs.get_job_info(job_id)
     except Exception:
         raise ValueError(f"The Ray cluster at {redact(jobs.get_address())} has no job {job_id!r}; "
                          "see `segmill jobs list`.") from None
-    return _info_row(info)
+
+
+def job_info(job_id: str, address: str | None) -> dict[str, Any]:
+    """Status, message, times and kind of one job on the cluster (its latest submission)."""
+    return _info_row(_submission(client(address), job_id))
 
 
 def list_jobs(address: str | None, *, everything: bool = False) -> list[dict[str, Any]]:
@@ -126,20 +137,21 @@ def list_jobs(address: str | None, *, everything: bool = False) -> list[dict[str
 
 
 def job_logs(job_id: str, address: str | None) -> str:
-    job_info(job_id, address)  # one sentence for an unknown id
-    return client(address).get_job_logs(job_id)
+    jobs = client(address)
+    return jobs.get_job_logs(_submission(jobs, job_id).submission_id)
 
 
 def stop_job(job_id: str, address: str | None) -> bool:
-    job_info(job_id, address)
-    return client(address).stop_job(job_id)
+    jobs = client(address)
+    return jobs.stop_job(_submission(jobs, job_id).submission_id)
 
 
 def _info_row(info: Any) -> dict[str, Any]:
     def when(ms: int | None) -> str | None:
         return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
 
-    return {"job_id": info.submission_id or info.job_id, "kind": (info.metadata or {}).get(KIND_KEY),
+    metadata = info.metadata or {}
+    return {"job_id": metadata.get(JOB_KEY) or info.submission_id or info.job_id, "kind": metadata.get(KIND_KEY),
             "status": str(getattr(info.status, "value", info.status)), "message": info.message,
             "start_time": when(info.start_time), "end_time": when(info.end_time), "entrypoint": info.entrypoint}
 

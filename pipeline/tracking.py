@@ -4,19 +4,23 @@ Metric names: a training run logs `val_miou` and `val_iou.<class>` per epoch; an
 `segmill-evaluations`, tagged with the model name and version) logs `miou` and `iou.<class>`.
 
 The gate: a new version always gets alias `challenger`. It takes `champion` only if there is no champion, or if
-its validation mIoU beats the champion's by more than the margin, with both scored on the same validation set
-(the champion is re-evaluated on it, never compared by a number from another set). The decision and both scores
-are tags on the version.
+its gain over the champion is not noise: both scored on the same validation images (the champion is re-evaluated
+on them, never compared by a number from another set), the lower end of the gain's 95% interval (a paired
+bootstrap over the images) above the margin, and no class losing more than a set IoU. The decision, the interval
+and the per-class changes are tags on the version.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+from segmill.models.comparison import Comparison
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.storage import first_line, redact
 
@@ -141,25 +145,111 @@ class Decision:
     reason: str
     champion_version: str | None
     champion_miou: float | None
+    comparison: Comparison | None = None
 
 
-def decide(challenger_miou: float, champion_miou: float | None, champion_version: str | None, margin: float,
+def decide(comparison: Comparison | None, champion_version: str | None, *, margin: float, max_class_drop: float,
            comparable: bool = True) -> Decision:
+    """Promote only a gain that is not noise: the lower end of its 95% interval (a paired bootstrap over the
+    validation images, models/comparison.py) above `margin`, and no class losing more than `max_class_drop` IoU."""
     if champion_version is None:
-        return Decision(True, "no champion yet", None, None)
-    if not comparable or champion_miou is None:
+        return Decision(True, "no champion yet", None, None, comparison)
+    if not comparable or comparison is None:
         return Decision(False, "the champion predicts other classes, so the two cannot be compared",
-                        champion_version, champion_miou)
-    if challenger_miou > champion_miou + margin:
-        return Decision(True, f"mIoU {challenger_miou:.4f} beats the champion's {champion_miou:.4f} by more than {margin}",
-                        champion_version, champion_miou)
-    return Decision(False, f"mIoU {challenger_miou:.4f} does not beat the champion's {champion_miou:.4f} by more "
-                           f"than {margin}", champion_version, champion_miou)
+                        champion_version, None)
+    c = comparison
+    interval = f"{c.gain:+.4f} mIoU (95% interval {c.low:+.4f} to {c.high:+.4f}, {c.images} images)"
+    worst, change = c.worst_class()
+    if c.low <= margin:
+        return Decision(False, f"{interval} does not clear the margin {margin:g}", champion_version, c.miou_a, c)
+    if change < -max_class_drop:
+        return Decision(False, f"{interval} clears the margin {margin:g}, but {worst} loses {-change:.4f} IoU "
+                               f"(more than {max_class_drop:g})", champion_version, c.miou_a, c)
+    return Decision(True, f"{interval} clears the margin {margin:g}; no class loses more than {max_class_drop:g} IoU",
+                    champion_version, c.miou_a, c)
 
 
-def register_version(tracking_uri: str, name: str, run_id: str, artifact_uri: str, *, challenger_miou: float,
+def log_mlflow_model(tracking_uri: str, run_id: str, checkpoint: bytes, spec) -> str:
+    """Log the checkpoint as an MLflow model of the run (pyfunc from code, pipeline/mlflow_model.py), with its
+    signature: uint8 images N x H x W x 3 in, int32 class indices N x H x W out. Returns the model's URI."""
+    import tempfile
+
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from segmill.pipeline import mlflow_model
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.int32), (-1, -1, -1))]))
+    with tempfile.TemporaryDirectory() as folder, _fluent(tracking_uri):
+        os.makedirs(os.path.join(folder, mlflow_model.CHECKPOINT_ARTIFACT))
+        with open(os.path.join(folder, mlflow_model.CHECKPOINT_ARTIFACT, "model.pt"), "wb") as f:
+            f.write(checkpoint)
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # The signature is given, and an input example left out on purpose (it would be an image per version).
+            warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=mlflow_model.__file__, signature=signature,
+                artifacts={mlflow_model.CHECKPOINT_ARTIFACT: os.path.join(folder, mlflow_model.CHECKPOINT_ARTIFACT)},
+                pip_requirements=_requirements(), metadata={"segmill.arch": spec.arch, "segmill.classes": list(spec.classes)})
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    wanted = []
+    for package in ("segmill", "torch", "torchvision", "mlflow", "numpy", "pillow"):
+        try:
+            wanted.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            wanted.append(package)
+    return wanted
+
+
+class _fluent:
+    """MLflow's fluent API (log_model wants it; so does the registry's lookup of a logged model) pointed at
+    `tracking_uri` for a moment, then put back exactly: `set_tracking_uri` also writes $MLFLOW_TRACKING_URI, and
+    restoring it through `get_tracking_uri()` would pin whatever the environment said at the time. A caller's
+    `mlflow.set_experiment` is set aside too: resuming our run inside another experiment is refused."""
+
+    _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+
+    def __enter__(self) -> None:
+        import mlflow
+        from mlflow.tracking import fluent
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        self.saved = (tracking._tracking_uri, registry._registry_uri, {k: os.environ.get(k) for k in self._ENV},
+                      fluent._active_experiment_id)
+        fluent._active_experiment_id = None
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+
+    def __exit__(self, *_) -> None:
+        import mlflow
+        from mlflow.tracking import fluent
+        from mlflow.tracking._model_registry import utils as registry
+
+        mlflow.set_tracking_uri(self.saved[0])  # also resets the tracer provider that caches the URI
+        registry._registry_uri = self.saved[1]
+        fluent._active_experiment_id = self.saved[3]
+        for key, value in self.saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def register_version(tracking_uri: str, name: str, run_id: str, model_uri: str, *, challenger_miou: float,
                      decision: Decision, val_fingerprint: str) -> str:
-    """Create the version (source: the run's artifacts, holding checkpoint/model.pt), tag it, set its aliases."""
+    """Create the version of the logged MLflow model (`log_mlflow_model`), tag it, set its aliases."""
     from mlflow.exceptions import MlflowException
 
     c = client(tracking_uri)
@@ -168,12 +258,19 @@ def register_version(tracking_uri: str, name: str, run_id: str, artifact_uri: st
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = c.create_model_version(name, source=artifact_uri, run_id=run_id).version
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    with _fluent(tracking_uri):  # the SQL registry looks the logged model up through the fluent client
+        version = c.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id).version
     tags = {"segmill.decision": "champion" if decision.promoted else "challenger",
             "segmill.decision_reason": decision.reason, "segmill.challenger_miou": f"{challenger_miou:.6f}",
             "segmill.champion_version": decision.champion_version or "",
             "segmill.champion_miou": "" if decision.champion_miou is None else f"{decision.champion_miou:.6f}",
             "segmill.val_fingerprint": val_fingerprint}
+    gate = decision.comparison
+    if gate is not None:
+        tags.update({"segmill.gain": f"{gate.gain:.6f}", "segmill.gain_low": f"{gate.low:.6f}",
+                     "segmill.gain_high": f"{gate.high:.6f}", "segmill.gate_images": str(gate.images),
+                     "segmill.class_change": json.dumps({k: round(v, 6) for k, v in gate.class_change.items()})})
     for key, value in tags.items():
         c.set_model_version_tag(name, version, key, value)
     c.set_registered_model_alias(name, CHALLENGER, version)

@@ -228,3 +228,66 @@ def register_tiny_model(tmp_path: Path, tiny_checkpoint: str, monkeypatch):
         return uri
 
     return register
+
+
+class Browser:
+    """Debian's Chromium driven by playwright: open an HTML file, then read the DOM as the browser rendered it."""
+
+    def __init__(self, browser) -> None:
+        self.browser = browser
+
+    def open(self, path_or_html: str | Path):
+        page = self.browser.new_page()
+        if isinstance(path_or_html, Path):
+            page.goto(path_or_html.resolve().as_uri(), wait_until="load")
+        else:
+            page.set_content(path_or_html, wait_until="load")
+        return page
+
+
+def images_loaded(page) -> list[bool]:
+    """For each <img> of the page: whether it loaded and decoded to a picture."""
+    return page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+
+
+def table_cells(page, table_id: str) -> list[list[str]]:
+    """A table's body as the browser shows it: rows of cell texts."""
+    return page.evaluate(f"Array.from(document.querySelectorAll('#{table_id} tbody tr'))"
+                         ".map(r => Array.from(r.cells).map(c => c.innerText.trim()))")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """A headless Chromium for the session ($SEGMILL_CHROMIUM, else `chromium` on PATH); skipped where there is none.
+    Teardown closes it and SIGKILLs any browser process left behind."""
+    import os
+    import shutil
+
+    import psutil
+
+    executable = os.environ.get("SEGMILL_CHROMIUM") or next(
+        (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None)
+    if not executable:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium; or set SEGMILL_CHROMIUM): reports not opened")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]'): reports not opened")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    playwright = sync_playwright().start()
+    # No sandbox: CI runs as root, where Chromium refuses its sandbox; the pages are the tests' own files.
+    launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+    try:
+        yield Browser(launched)
+    finally:
+        for stop in (launched.close, playwright.stop):
+            try:
+                stop()
+            except Exception:
+                pass
+        for process in psutil.Process().children(recursive=True):
+            if process.pid not in before:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass

@@ -6,11 +6,11 @@ from typing import Any, Optional
 
 import typer
 
-from segmill.jobs.cli.common import console, user_errors
+from segmill.jobs.cli.common import console, examples, typer_app, user_errors
 
-ADDRESS_HELP = "Ray Jobs API address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)."
-HISTORY_HELP = "Job history folder, local or s3:// (default: $SEGMILL_HISTORY or .segmill/history)."
-jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs on a Ray cluster, and the job history.")
+ADDRESS_HELP = "Ray Jobs API address, e.g. http://HEAD:8265.  [default: $RAY_ADDRESS]"
+HISTORY_HELP = "Job history folder, local or s3://.  [default: $SEGMILL_HISTORY, else .segmill/history]"
+jobs_app = typer_app(no_args_is_help=True, help="Follow jobs on a Ray cluster, and the job history.")
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -36,21 +36,22 @@ def submit(
 
 def run_spec_command(
     spec: str = typer.Argument(..., help="YAML job spec: kind (segment, train or evaluate) plus that kind's keys."),
-    job_id: Optional[str] = typer.Option(None, help="Id recorded in the job history (default: a new one)."),
+    job_id: Optional[str] = typer.Option(None, help="The job's id.  [default: a segment job's own, derived from "
+                                         "its spec; a new one for other kinds]"),
     history: Optional[str] = typer.Option(None, help=HISTORY_HELP),
 ) -> None:
     """Run a job spec in this process (what a submitted job runs on the cluster)."""
-    from segmill.jobs.history import new_job_id
-    from segmill.jobs.specs import check_inputs, load_spec, run_local
+    from segmill.jobs.specs import check_inputs, load_spec, run_local, with_job_id
 
     with user_errors():
         job = load_spec(spec)
         check_inputs(job)
-        result = run_local(job, job_id=job_id or new_job_id(job.kind), history_uri=history)
+        job, job_id = with_job_id(job, job_id)
+        result = run_local(job, job_id=job_id, history_uri=history)
     _print_result(result)
 
 
-@jobs_app.command("list")
+@jobs_app.command("list", epilog=examples("segmill jobs list --address http://head:8265"))
 def list_command(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
                  all_jobs: bool = typer.Option(False, "--all", help="Also list jobs that segmill did not submit."),
                  history: Optional[str] = typer.Option(None, help=HISTORY_HELP)) -> None:
@@ -65,7 +66,7 @@ def list_command(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
                        "ended": "end_time"})
 
 
-@jobs_app.command("status")
+@jobs_app.command("status", epilog=examples("segmill jobs status seg-0123456789ab"))
 def status_command(job_id: str = typer.Argument(..., help="Job id printed by `segmill submit`."),
                    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
                    history: Optional[str] = typer.Option(None, help=HISTORY_HELP)) -> None:
@@ -78,7 +79,7 @@ def status_command(job_id: str = typer.Argument(..., help="Job id printed by `se
     console.print(f"{row['status']}" + (f": {row['message']}" if row["message"] else ""), highlight=False)
 
 
-@jobs_app.command("logs")
+@jobs_app.command("logs", epilog=examples("segmill jobs logs seg-0123456789ab"))
 def logs_command(job_id: str = typer.Argument(..., help="Job id printed by `segmill submit`."),
                  address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> None:
     """Print a job's driver logs so far."""
@@ -89,7 +90,7 @@ def logs_command(job_id: str = typer.Argument(..., help="Job id printed by `segm
     console.print(text, markup=False, highlight=False, end="")
 
 
-@jobs_app.command("stop")
+@jobs_app.command("stop", epilog=examples("segmill jobs stop seg-0123456789ab"))
 def stop_command(job_id: str = typer.Argument(..., help="Job id printed by `segmill submit`."),
                  address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> None:
     """Ask the cluster to stop a job."""
@@ -100,7 +101,7 @@ def stop_command(job_id: str = typer.Argument(..., help="Job id printed by `segm
     console.print(f"{job_id}: {'stopping' if stopped else 'already finished'}", highlight=False)
 
 
-@jobs_app.command("history")
+@jobs_app.command("history", epilog=examples("segmill jobs history --kind train", "segmill jobs history --sql \"SELECT * FROM jobs WHERE status = 'FAILED'\""))
 def history_command(history: Optional[str] = typer.Option(None, help=HISTORY_HELP),
                     kind: Optional[str] = typer.Option(None, help="Only jobs of this kind (segment, train, evaluate)."),
                     limit: int = typer.Option(20, help="Most jobs to show, newest first."),

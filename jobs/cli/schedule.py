@@ -7,20 +7,20 @@ from typing import Optional
 
 import typer
 
-from segmill.jobs.cli.common import console, user_errors
+from segmill.jobs.cli.common import console, examples, typer_app, user_errors
 
-STATE_HELP = "Folder of the schedule store (schedules.db); default $SEGMILL_STATE, else .segmill/schedules."
-schedule_app = typer.Typer(no_args_is_help=True, help="Schedules that fire a job spec by cron and/or data conditions.")
+STATE_HELP = "Folder of the schedule store (schedules.db).  [default: $SEGMILL_STATE, else .segmill/schedules]"
+schedule_app = typer_app(no_args_is_help=True, help="Schedules that fire a job spec by cron and/or data conditions.")
 
 
-@schedule_app.command("add")
+@schedule_app.command("add", epilog=examples("segmill schedule add weekly --spec train.yaml --cron \"0 3 * * 0\"", "segmill schedule add on-data --spec train.yaml --min-new-images 500"))
 def schedule_add(
     name: str = typer.Argument(..., help="Schedule name (unique)."),
     spec: Path = typer.Option(..., "--spec", help="YAML job spec to fire (kind train|segment|evaluate); re-read at every firing."),
     cron: Optional[str] = typer.Option(None, help="Cron expression in UTC, e.g. '0 3 * * 0' (Sundays 03:00)."),
     min_new_images: Optional[int] = typer.Option(None, help="Condition: at least N labelled images added since the last successful firing."),
     iou_below: Optional[float] = typer.Option(None, help="Condition: the champion's mIoU (or --iou-class IoU) in its latest evaluation is below this."),
-    iou_class: Optional[str] = typer.Option(None, help="Class whose IoU --iou-below watches (default: mIoU)."),
+    iou_class: Optional[str] = typer.Option(None, help="Class whose IoU --iou-below watches.  [default: mIoU]"),
     state: Optional[Path] = typer.Option(None, help=STATE_HELP),
 ) -> None:
     """Add a schedule: by cron, by data conditions, or both (conditions then checked at each cron slot)."""
@@ -34,7 +34,7 @@ def schedule_add(
     console.print(f"schedule {added.name}: {added.describe()} -> {added.spec} (state {store.path})", highlight=False)
 
 
-@schedule_app.command("list")
+@schedule_app.command("list", epilog=examples("segmill schedule list"))
 def schedule_list(state: Optional[Path] = typer.Option(None, help=STATE_HELP)) -> None:
     """List the schedules with their last firing."""
     from rich.table import Table
@@ -50,7 +50,7 @@ def schedule_list(state: Optional[Path] = typer.Option(None, help=STATE_HELP)) -
     console.print(table)
 
 
-@schedule_app.command("remove")
+@schedule_app.command("remove", epilog=examples("segmill schedule remove weekly"))
 def schedule_remove(name: str = typer.Argument(..., help="Schedule name."),
                     state: Optional[Path] = typer.Option(None, help=STATE_HELP)) -> None:
     """Remove a schedule (its firings stay in the log)."""
@@ -61,7 +61,7 @@ def schedule_remove(name: str = typer.Argument(..., help="Schedule name."),
     console.print(f"removed schedule {name}")
 
 
-@schedule_app.command("firings")
+@schedule_app.command("firings", epilog=examples("segmill schedule firings weekly"))
 def schedule_firings(name: Optional[str] = typer.Argument(None, help="Only this schedule."),
                      state: Optional[Path] = typer.Option(None, help=STATE_HELP)) -> None:
     """The firing log: every slot recorded, with its status (ok, failed, missed, condition-false, running)."""

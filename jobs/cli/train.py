@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from segmill.jobs.cli.common import console, given, user_errors
+from segmill.jobs.cli.common import DASHBOARD_HELP, console, dashboard, given, user_errors
 from segmill.pipeline.common.config import describe
 from segmill.pipeline.train.config import TrainConfig
 
@@ -21,11 +21,12 @@ def train(
     labels: Optional[str] = typer.Option(None, help=_help("labels")),
     classes: Optional[str] = typer.Option(None, help=_help("classes")),
     model: Optional[str] = typer.Option(None, help=_help("model")),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML train spec; command-line values override it."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML job spec (kind: train, keys as these options); "
+                                          "options override it."),
     arch_kwargs: Optional[str] = typer.Option(None, help=_help("arch_kwargs")),
     init_from: Optional[str] = typer.Option(None, help=_help("init_from")),
     backbone_weights: Optional[str] = typer.Option(None, help=_help("backbone_weights")),
-    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
                                                    help=_help("freeze_backbone")),
     epochs: Optional[int] = typer.Option(None, help=_help("epochs")),
     batch_size: Optional[int] = typer.Option(None, help=_help("batch_size")),
@@ -48,21 +49,24 @@ def train(
     bootstrap_factor: Optional[int] = typer.Option(None, help=_help("bootstrap_factor")),
     hard_crop_share: Optional[float] = typer.Option(None, help=_help("hard_crop_share")),
     workers: Optional[int] = typer.Option(None, help=_help("workers")),
-    gpus: Optional[bool] = typer.Option(None, "--gpus/--no-gpus", help=_help("use_gpu")),
+    gpus: Optional[bool] = typer.Option(None, "--use-gpu/--no-use-gpu", "--gpus/--no-gpus", help=_help("use_gpu")),
     cpus_per_worker: Optional[float] = typer.Option(None, help=_help("cpus_per_worker")),
     torch_threads: Optional[int] = typer.Option(None, help=_help("torch_threads")),
     placement_strategy: Optional[str] = typer.Option(None, help=_help("placement_strategy")),
     register_as: Optional[str] = typer.Option(None, "--register", help=_help("register")),
     champion_margin: Optional[float] = typer.Option(None, help=_help("champion_margin")),
-    storage_path: Optional[str] = typer.Option(None, "--storage", help=_help("storage_path")),
+    storage_path: Optional[str] = typer.Option(None, "--storage-path", "--storage", help=_help("storage_path")),
     run_name: Optional[str] = typer.Option(None, help=_help("run_name")),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help=_help("resume")),
     tracking_uri: Optional[str] = typer.Option(None, help=_help("tracking_uri")),
-    address: Optional[str] = typer.Option(None, help=_help("ray_address")),
+    address: Optional[str] = typer.Option(None, "--ray-address", "--address", help=_help("ray_address")),
     endpoint_url: Optional[str] = typer.Option(None, help=_help("endpoint_url")),
     seed: Optional[int] = typer.Option(None, help=_help("seed")),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, only the summary."),
+    show_dashboard: bool = typer.Option(False, "--dashboard", help=DASHBOARD_HELP),
 ) -> None:
     """Train a model on labelled images with Ray Train; log to MLflow; register a version that must beat the champion."""
+    dashboard(show_dashboard)
     with user_errors():
         try:
             kwargs = json.loads(arch_kwargs) if arch_kwargs else None
@@ -83,11 +87,13 @@ def train(
                        champion_margin=champion_margin, storage_path=storage_path, run_name=run_name, resume=resume,
                        tracking_uri=tracking_uri, ray_address=address, endpoint_url=endpoint_url, seed=seed)
         cfg = TrainConfig.from_yaml(str(config), values) if config else TrainConfig.from_dict(values, "command line")
+        from segmill.jobs.progress import ProgressView, training
         from segmill.pipeline.train.driver import (
             train as run_training,  # Ray Train is heavy to import
         )
 
-        outcome = run_training(cfg)
+        with ProgressView(console, training, title="train", quiet=quiet) as view:
+            outcome = run_training(cfg, progress=view)
     plan = outcome.bootstrap
     console.print(f"run {outcome.run_name} (MLflow {outcome.run_id}): val mIoU {outcome.val_miou:.4f} "
                   f"(best epoch, {outcome.best_epoch})")

@@ -33,10 +33,19 @@ def load_spec(path: str) -> dict[str, Any]:
 
 
 def train_config(path: str):
-    """The TrainConfig of a train spec."""
+    """What data conditions read of a train or improve spec: images, labels, classes, endpoint_url, register and
+    resolved_tracking_uri()."""
     data, config = _load(path)
+    if data["kind"] == "improve":
+        from types import SimpleNamespace
+
+        from segmill.pipeline.common import settings
+
+        return SimpleNamespace(images=config.images, labels=config.labels, classes=config.classes,
+                               endpoint_url=config.endpoint_url, register=config.model,
+                               resolved_tracking_uri=lambda: settings.tracking_uri(config.tracking_uri))
     if data["kind"] != "train":
-        raise ValueError(f"Job spec {path} is a {data['kind']} job; data conditions need a train spec.")
+        raise ValueError(f"Job spec {path} is a {data['kind']} job; data conditions need a train or improve spec.")
     return config
 
 

@@ -90,6 +90,7 @@ class SegmentConfig(Config):
     """A bulk segmentation job: where images are, which model, where results go, and how to run it."""
 
     what: ClassVar[str] = "segment job"
+    kind: ClassVar[str | None] = "segment"
 
     input: Annotated[str, Field(min_length=1)] = Field(
         description="Image prefix (local, file://, s3://...) or a manifest (.parquet/.csv with image_uri[,label_uri]).")

@@ -4,8 +4,9 @@ dataset a job runs (`segmill.pipeline.bulk.job.run(config, plan, dataset)`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from segmill.models.allocator import ONE_ARENA_ENV
 from segmill.pipeline.bulk.config import ResourceConfig, SegmentConfig
@@ -35,10 +36,12 @@ class Plan:
     pending: int
     already_done: int
     skipped_files: dict[str, int] = field(default_factory=dict)  # files the listing left out, by extension
+    checkpoint_uri: str = ""  # the model's bytes for the actors, under OUTPUT's staging folder
 
 
-def build_dataset(config: SegmentConfig, plan: Plan) -> "ray.data.Dataset":
-    """The job's dataset, not yet run; Ray must be started (the resources are resolved against the cluster)."""
+def build_dataset(config: SegmentConfig, plan: Plan, counter: Any = None) -> "ray.data.Dataset":
+    """The job's dataset, not yet run; Ray must be started (the resources are resolved against the cluster).
+    `counter` is a progress counter's handle (common/progress.py) the encoding stage adds its rows to."""
     import ray
 
     resources = config.resources.resolve(ray.cluster_resources())
@@ -52,11 +55,13 @@ def build_dataset(config: SegmentConfig, plan: Plan) -> "ray.data.Dataset":
     # Ray Data takes the lower of this and its own limit (config.QUEUE_MB_PER_CPU_ACTOR says why).
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=resources.queue_memory_mb * 2**20)
-    with ray.data.DataContext.current(context):
-        return _stages(config, plan, resources, ray.data.read_parquet(listing_path, filesystem=fs))
+    with ray.data.DataContext.current(context), warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args but names no parameter for the actors' bounded restarts: kept.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        return _stages(config, plan, resources, ray.data.read_parquet(listing_path, filesystem=fs), counter)
 
 
-def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listing: "ray.data.Dataset"):
+def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listing: "ray.data.Dataset", counter: Any):
     import ray
 
     spec = plan.model.spec
@@ -79,13 +84,16 @@ def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listin
                      resources=resources.actor_resources,
                      max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
                      **_model_process_env(resources),
-                     fn_constructor_kwargs=dict(checkpoint=plan.model.checkpoint, use_gpu=use_gpu,
+                     # The checkpoint is read from OUTPUT's staging folder, not carried as a constructor argument:
+                     # in the object store it could be lost, and a restarted actor could not be rebuilt.
+                     fn_constructor_kwargs=dict(checkpoint_uri=plan.checkpoint_uri,
+                                                endpoint_url=config.endpoint_url, use_gpu=use_gpu,
                                                 torch_threads=resources.torch_threads,
                                                 options=config.inference(resources.batch_size),
                                                 fast=resources.fast_path(), low_confidence=config.low_confidence,
                                                 keep_host_memory=resources.keep_host_memory))
         .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
-                     compute=finishing_tasks, fn_kwargs=dict(num_classes=spec.num_classes))
+                     compute=finishing_tasks, fn_kwargs=dict(num_classes=spec.num_classes, counter=counter))
         .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,
                      compute=finishing_tasks,
                      fn_kwargs=dict(classes=spec.classes, output=config.output, job_id=plan.job_id,

@@ -22,6 +22,7 @@ class EvaluateConfig(Config):
     """Which model, which labelled images, where the results table goes, and where scores are recorded."""
 
     what: ClassVar[str] = "evaluate job"
+    kind: ClassVar[str | None] = "evaluate"
 
     model: Annotated[str, Field(min_length=1)]
     images: Annotated[str, Field(min_length=1)]
@@ -65,13 +66,13 @@ class EvaluationOutcome:
     evaluation_run_id: str | None  # the MLflow run, for registered versions
 
 
-def evaluate(config: EvaluateConfig) -> EvaluationOutcome:
+def evaluate(config: EvaluateConfig, progress=None) -> EvaluationOutcome:
     """Segment the labelled images, compute the exact dataset IoU, and record it for a registered version."""
     from segmill.pipeline.bulk.job import segment
     from segmill.pipeline.bulk.results import committed_rows, dataset_iou, table_classes
     from segmill.pipeline.tracking import log_evaluation, resolved_tracking_uri
 
-    record = segment(config.segment_config())
+    record = segment(config.segment_config(), progress=progress)
     classes = table_classes(config.output, endpoint_url=config.endpoint_url)
     iou = dataset_iou(config.output, classes, endpoint_url=config.endpoint_url)
     miou = nanmean(list(iou.values()))
@@ -79,7 +80,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationOutcome:
     if config.registered():
         run_id = log_evaluation(resolved_tracking_uri(config.tracking_uri), record.model_name, record.model_version,
                                 iou, miou=miou, dataset=config.dataset or config.labels or config.images)
-    counts = committed_rows(config.output, config.endpoint_url, ["union"])
-    labelled = counts.num_rows - counts["union"].null_count if counts.num_rows else 0
+    counts = committed_rows(config.output, config.endpoint_url, ["union_pixels"])
+    labelled = counts.num_rows - counts["union_pixels"].null_count if counts.num_rows else 0
     return EvaluationOutcome(record.job_id, record.model_name, record.model_version, miou, iou, config.output,
                              labelled, run_id)

@@ -37,27 +37,36 @@ from segmill.pipeline.common.listing import (
     iter_image_batches,
 )
 from segmill.pipeline.common.model_source import ModelCheck
+from segmill.pipeline.common.progress import Counter, ProgressCallback
 from segmill.pipeline.common.runtime import ensure_ray, refuse_local_paths
 from segmill.pipeline.common.storage import check_writable, join_uri, open_fs, redact
 
 log = logging.getLogger(__name__)
 # Each listing chunk becomes at least one read block: small chunks let decoding start and commits land early.
 LISTING_CHUNK_ROWS = 512
+MODEL_FILE = "model.pt"  # the checkpoint the model actors load, under OUTPUT/_staging/JOB
 
 
-def segment(config: SegmentConfig) -> JobRecord:
-    """Run (or resume) a bulk segmentation job; returns its job record, also written to OUTPUT/_job.json."""
+def segment(config: SegmentConfig, progress: ProgressCallback | None = None) -> JobRecord:
+    """Run (or resume) a bulk segmentation job; returns its job record, also written to OUTPUT/_job.json.
+
+    `progress` is called twice a second with the images done so far (common/progress.py), from a driver thread.
+    """
     started = time.time()
     lease = JobLease(config.output, config.resolved_job_id(), STAGING, endpoint_url=config.endpoint_url)
+    counter = None
     try:
         plan = prepare(config, lease)
         dataset = None
         if plan.pending:
             ensure_ray(config.ray_address, config.resources)
             refuse_local_paths({"input": config.input, "labels": config.labels, "output": config.output})
-            dataset = build_dataset(config, plan)
+            counter = Counter.start(progress, total=plan.pending)
+            dataset = build_dataset(config, plan, counter.handle if counter else None)
         return run(config, plan, dataset, started=started, lease=lease)
     finally:
+        if counter is not None:
+            counter.stop()
         lease.release()
 
 
@@ -119,7 +128,12 @@ def prepare(config: SegmentConfig, lease: JobLease | None = None) -> Plan:
         log.warning("left out %d files of %s that are not images Pillow reads: %s", sum(skipped.values()),
                     redact(config.input), skipped.describe())
     log.info("job %s: %d images, %d already committed, %d to do", job_id, total, total - pending, pending)
-    return Plan(job_id, model, listing_dir, pending, total - pending, dict(skipped))
+    checkpoint_uri = join_uri(config.output, STAGING, job_id, MODEL_FILE)
+    if pending:
+        fs, path = open_fs(checkpoint_uri, endpoint_url=config.endpoint_url)
+        with fs.open(path, "wb") as f:
+            f.write(model.checkpoint)
+    return Plan(job_id, model, listing_dir, pending, total - pending, dict(skipped), checkpoint_uri)
 
 
 def _list_pending(config: SegmentConfig, job_id: str, done_keys: np.ndarray,

@@ -22,6 +22,9 @@ from segmill.pipeline.common.decode import INFRASTRUCTURE
 from segmill.pipeline.common.storage import join_uri, open_fs, protocol_of, redact
 
 PART_PREFIX = "part-"
+# Columns renamed since tables were first written (`union` is an SQL keyword): new name -> old name. Readers
+# (committed_rows, the DuckDB view) take either, so old tables and tables resumed across the rename still read.
+RENAMED = {"intersection_pixels": "intersection", "union_pixels": "union"}
 STAGING = "_staging"
 
 
@@ -42,7 +45,7 @@ def results_schema(classes: tuple[str, ...]) -> pa.Schema:
         ("class_fraction", per_class(pa.float32())), ("class_pixels", per_class(pa.int64())),
         ("confidence_mean", pa.float32()), ("entropy_mean", pa.float32()), ("low_confidence_fraction", pa.float32()),
         ("pixel_accuracy", pa.float64()), ("miou", pa.float64()), ("iou", per_class(pa.float64())),
-        ("intersection", per_class(pa.int64())), ("union", per_class(pa.int64())),
+        ("intersection_pixels", per_class(pa.int64())), ("union_pixels", per_class(pa.int64())),
         ("labelled_pixels", pa.int64()), ("correct_pixels", pa.int64()),
         ("model_name", pa.string()), ("model_version", pa.string()), ("processed_at", pa.timestamp("ms", tz="UTC")),
     ])
@@ -87,7 +90,8 @@ def build_table(batch: dict[str, np.ndarray], classes: tuple[str, ...], *, job_i
         "low_confidence_fraction": scalar(batch["low_confidence_fraction"], ok, pa.float32()),
         "pixel_accuracy": scalar(correct / np.maximum(labelled_pixels, 1), labelled & (labelled_pixels > 0), pa.float64()),
         "miou": scalar(miou, labelled, pa.float64()), "iou": per_class(iou, labelled, pa.float64()),
-        "intersection": per_class(inter, labelled, pa.int64()), "union": per_class(union, labelled, pa.int64()),
+        "intersection_pixels": per_class(inter, labelled, pa.int64()),
+        "union_pixels": per_class(union, labelled, pa.int64()),
         "labelled_pixels": scalar(labelled_pixels, labelled, pa.int64()), "correct_pixels": scalar(correct, labelled, pa.int64()),
         "model_name": pa.array([model_name] * n), "model_version": pa.array([model_version] * n),
         "processed_at": pa.array([now] * n, pa.timestamp("ms", tz="UTC")),
@@ -144,7 +148,18 @@ def committed_rows(output: str, endpoint_url: str | None, columns: list[str]) ->
     parts = committed_parts(output, endpoint_url)
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
+    dataset = pads.dataset(parts, filesystem=fs, format="parquet")
+    if all(c in dataset.schema.names or c not in RENAMED for c in columns):
+        return dataset.to_table(columns=columns)
+    # An old (or half-old) table: read every part's schema, and take each renamed column from whichever name a
+    # part has.
+    schema = pa.unify_schemas([fragment.physical_schema for fragment in dataset.get_fragments()])
+    dataset = pads.dataset(parts, filesystem=fs, format="parquet", schema=schema)
+    projection = {}
+    for c in columns:
+        present = [name for name in (c, RENAMED.get(c)) if name and name in schema.names]
+        projection[c] = pc.coalesce(*(pc.field(n) for n in present)) if len(present) > 1 else pc.field(present[0])
+    return dataset.to_table(columns=projection)
 
 
 def uncommit_errors(output: str, job_id: str, *, everything: bool, endpoint_url: str | None,
@@ -184,7 +199,7 @@ def _retried(status: pa.Table, everything: bool) -> pa.ChunkedArray:
 
 def results_schema_of(table: pa.Table) -> pa.Schema:
     """The results schema for the classes a table's per-class structs name."""
-    return results_schema(tuple(f.name for f in table.schema.field("union").type))
+    return results_schema(tuple(f.name for f in table.schema.field("class_fraction").type))
 
 
 def uri_keys(uris: np.ndarray) -> np.ndarray:
@@ -209,21 +224,21 @@ def is_committed(done_keys: np.ndarray, image_uris: list[str]) -> np.ndarray:
 def dataset_iou(results_uri: str, classes: Sequence[str], *, endpoint_url: str | None = None) -> dict[str, float]:
     """Per-class IoU over a results table: intersections and unions summed over rows (never averaged); NaN for a
     class never labelled nor predicted. The `iou` ready answer (`segmill query --answer iou`) is the same in SQL."""
-    table = committed_rows(results_uri, endpoint_url, ["intersection", "union"])
-    if table.num_rows == 0 or not pa.types.is_struct(table.schema.field("union").type):
+    table = committed_rows(results_uri, endpoint_url, ["intersection_pixels", "union_pixels"])
+    if table.num_rows == 0 or not pa.types.is_struct(table.schema.field("union_pixels").type):
         raise ValueError(f"{redact(results_uri)} holds no results rows; run a bulk job with labels there first.")
-    names = {f.name for f in table.schema.field("union").type}
+    names = {f.name for f in table.schema.field("union_pixels").type}
     missing = [c for c in classes if c not in names]
     if missing:
         raise ValueError(f"The results at {redact(results_uri)} have no counts for classes {missing}; "
                          "check the class file matches the model that made them.")
-    if table["union"].null_count == table.num_rows:
+    if table["union_pixels"].null_count == table.num_rows:
         raise ValueError(f"{redact(results_uri)} has no labelled rows; run the bulk job with --labels.")
 
     def summed(column: str) -> np.ndarray:  # struct_field honours null parents (unlabelled or failed rows)
         return np.array([pc.sum(pc.struct_field(table[column], c)).as_py() or 0 for c in classes], dtype=np.int64)
 
-    return dict(zip(classes, iou_from_counts(summed("intersection"), summed("union")).tolist()))
+    return dict(zip(classes, iou_from_counts(summed("intersection_pixels"), summed("union_pixels")).tolist()))
 
 
 def table_classes(results_uri: str, *, endpoint_url: str | None = None) -> tuple[str, ...]:
@@ -233,4 +248,4 @@ def table_classes(results_uri: str, *, endpoint_url: str | None = None) -> tuple
         return ()
     fs, _ = open_fs(results_uri, endpoint_url=endpoint_url)
     with fs.open(parts[0], "rb") as f:
-        return tuple(field.name for field in pq.read_schema(f).field("union").type)
+        return tuple(field.name for field in pq.read_schema(f).field("class_fraction").type)

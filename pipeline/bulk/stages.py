@@ -2,11 +2,14 @@
 model stage is a callable class (one per actor). Their columns are declared in rows.py."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
 from segmill.pipeline.bulk.results import build_table, commit_table, mask_dtype
 from segmill.pipeline.bulk.rows import OK, decoded_rows, mark_error
+from segmill.pipeline.common import progress
 from segmill.pipeline.common.decode import (
     INPUT,
     DecodeError,
@@ -67,14 +70,17 @@ def _plain_jpeg_size(data: bytes, uri: str, max_pixels: int) -> tuple[int, int] 
     return image.height, image.width
 
 
-def encode_masks(batch: dict[str, np.ndarray], *, num_classes: int) -> dict[str, np.ndarray]:
-    """Raw masks to PNG in small batches, so the commit stage buffers compressed masks, not raw pixels."""
+def encode_masks(batch: dict[str, np.ndarray], *, num_classes: int, counter: Any = None) -> dict[str, np.ndarray]:
+    """Raw masks to PNG in small batches, so the commit stage buffers compressed masks, not raw pixels; the rows
+    count towards the job's progress (`counter`, when one is shown)."""
     masks = batch["mask"].astype(object).copy()
     dtype = mask_dtype(num_classes)
     for i in range(len(masks)):
         if batch["status"][i] == OK:
             shape = (int(batch["height"][i]), int(batch["width"][i]))
             masks[i] = encode_png(np.frombuffer(masks[i], dtype=dtype).reshape(shape), compress_level=FAST_PNG)
+    ok = int((batch["status"] == OK).sum())
+    progress.add(counter, {"ok": ok, "errors": len(masks) - ok})
     return {**batch, "mask": masks}
 
 
@@ -86,7 +92,7 @@ def commit_batch(batch: dict[str, np.ndarray], *, classes: tuple[str, ...], outp
     if export_png:  # before the commit: a resumed job skips committed rows, so their PNGs must exist by then
         from segmill.pipeline.bulk.export import export_pngs
 
-        export_pngs(table, batch["image_uri"].tolist(), output, palette, endpoint_url=endpoint_url)
+        export_pngs(table, batch["image_uri"].tolist(), output, palette, classes, endpoint_url=endpoint_url)
     uri = commit_table(table, output, job_id, endpoint_url=endpoint_url, row_group_rows=row_group_rows)
     ok = int((batch["status"] == OK).sum())
     return {"file": np.array([uri], dtype=object), "rows": np.array([table.num_rows]),
@@ -97,10 +103,11 @@ class SegmenterStage:
     """The model stage as Ray Data runs it: torch and the model load in the actor, so the driver (which imports
     this module) never loads torch."""
 
-    def __init__(self, **segmenter_kwargs) -> None:
+    def __init__(self, *, checkpoint_uri: str, endpoint_url: str | None, **segmenter_kwargs) -> None:
         from segmill.pipeline.bulk.segmenter import Segmenter
 
-        self.segmenter = Segmenter(**segmenter_kwargs)
+        self.segmenter = Segmenter(read_bytes(checkpoint_uri, endpoint_url, what="Model checkpoint"),
+                                   **segmenter_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.segmenter(batch)

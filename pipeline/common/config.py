@@ -21,6 +21,9 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     what: ClassVar[str] = "config"  # how errors name it when no source is given, e.g. "segment job"
+    # The `kind` a job spec of this config names (segment, train, evaluate); one YAML file runs with the kind's own
+    # command (`segmill segment --config`), `segmill submit` and `segmill schedule add` alike.
+    kind: ClassVar[str | None] = None
 
     @classmethod
     def from_dict(cls, data: Any, source: str | None = None):
@@ -28,6 +31,12 @@ class Config(BaseModel):
         source = source or cls.what
         if not isinstance(data, dict):
             raise ValueError(f"The {source} must be a mapping of keys to values, not {data!r}.")
+        if "kind" in data and cls.kind:
+            data = dict(data)
+            kind = data.pop("kind")
+            if kind != cls.kind:
+                raise ValueError(f"The {source} is a {kind!r} spec, not a {cls.kind!r} one; run it with "
+                                 f"`segmill submit` (or the command of its kind).")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -117,11 +126,21 @@ def _must(problem: dict) -> str:
 
 
 def describe(cls: type[BaseModel], name: str) -> str:
-    """A field's description and default, for the command line's help: one source, so the two cannot drift."""
+    """A field's description and default, for the command line's help: one source, so the two cannot drift.
+
+    Every default reads `[default: X]`, as click shows its own: a fixed value from the field, or the words of a
+    description's "(default: ...)" where the default is found at run time (an environment variable, the cluster).
+    """
     field = cls.model_fields[name]
-    default = field.get_default(call_default_factory=True)
     text = field.description or name.replace("_", " ")
+    found = re.search(r"\s*\(default:?\s+([^()]*(?:\([^()]*\)[^()]*)*)\)", text)
+    if found:
+        return f"{text[:found.start()]}{text[found.end():]}  [default: {found.group(1)}]"
+    if field.is_required():
+        return text
+    default = field.get_default(call_default_factory=True)
     if default is None or default == "" or isinstance(default, (dict, BaseModel)):
         return text
     shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else default
-    return f"{text} [default: {str(shown).lower() if isinstance(default, bool) else shown}]"
+    # Two spaces, as click puts before the defaults it shows itself: one look for every option.
+    return f"{text}  [default: {str(shown).lower() if isinstance(default, bool) else shown}]"

@@ -2,7 +2,8 @@
 
 Accepted forms:
 - a checkpoint file, local or on any fsspec URI (`ckpt/roads.pt`, `s3://bucket/roads.pt`);
-- an MLflow registry URI, `models:/NAME@ALIAS` or `models:/NAME/VERSION` (artifact `checkpoint/model.pt`);
+- an MLflow registry URI, `models:/NAME@ALIAS` or `models:/NAME/VERSION` (an MLflow model holding
+  `checkpoint/model.pt` among its artifacts);
 - a registry architecture with a torchvision weights tag, `ARCH:TAG` (e.g.
   `lraspp_mobilenet_v3_large:COCO_WITH_VOC_LABELS_V1`), which torchvision downloads once (needs network).
 The driver resolves the model once, before any compute, and ships the bytes to the actors. The bulk job's
@@ -118,9 +119,15 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> ResolvedModel:
     try:
         version = client.get_model_version_by_alias(name, match["alias"]) if match["alias"] else \
             client.get_model_version(name, match["version"])
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{version.source.rstrip('/')}/{MLFLOW_CHECKPOINT_ARTIFACT}", tracking_uri=tracking_uri
-        )
+        # A version is an MLflow model (pipeline/mlflow_model.py: the checkpoint among its artifacts), or, when
+        # registered before segmill logged MLflow models, a run's artifacts holding the checkpoint.
+        # Its storage location through this client: a models:/ artifact URI would be looked up in MLflow's global
+        # registry, not in the one named here.
+        where = client.get_model_version_download_uri(name, version.version).rstrip("/")
+        if version.source.startswith("models:/"):
+            where += "/artifacts"
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{MLFLOW_CHECKPOINT_ARTIFACT}",
+                                                    tracking_uri=tracking_uri)
     except Exception as exc:
         raise ValueError(f"Model {uri} could not be resolved in MLflow ({type(exc).__name__}: {exc}).") from exc
     with open(local, "rb") as f:

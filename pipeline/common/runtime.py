@@ -3,17 +3,46 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.storage import first_line, protocol_of, redact
 
 log = logging.getLogger(__name__)
+# Loggers of the libraries a job drives; the CLI keeps them to errors unless -v (`set_library_log_level`).
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "botocore", "s3fs", "fsspec",
+                   "urllib3", "filelock")
+_library_level: int | None = None  # None: each library's own
+
+
+def set_library_log_level(level: int | None) -> None:
+    """The level of Ray's (and the other libraries') loggers, e.g. logging.ERROR to keep their INFO and WARNING
+    lines out of a person's log; applied again once Ray is imported, since Ray Data configures its logger then."""
+    global _library_level
+    _library_level = level
+    _apply_library_level()
+
+
+def _apply_library_level() -> None:
+    if _library_level is not None:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(_library_level)
 # Ray's default object store is 30% of memory; Plasma spreads its allocations over the store and every page it
 # ever wrote stays resident, so a long job's store pages grow toward that size. A store sized to the job caps
 # them (docs/throughput.md, "Scaling").
 STORE_PER_QUEUE = 2  # Ray Data keeps its queues within half the store: twice the queue makes its limit the queue
 MIN_LOCAL_STORE_MB = 512
 RAY_DEFAULT_STORE_SHARE = 0.3
+
+
+_dashboard: Callable[[str], None] | None = None  # set by `show_dashboard`: called with the dashboard's URL
+
+
+def show_dashboard(callback: Callable[[str], None]) -> None:
+    """Have the next local Ray this process starts run its dashboard on 127.0.0.1, and call `callback` with its
+    URL (the CLI's `--dashboard`). A joined cluster has its own dashboard; nothing is started for it."""
+    global _dashboard
+    _dashboard = callback
 
 
 def ensure_ray(address: str | None = None, job_resources=None) -> None:
@@ -25,7 +54,9 @@ def ensure_ray(address: str | None = None, job_resources=None) -> None:
     (`local_object_store_bytes`); otherwise Ray's default. A Ray that cannot start or be reached is one sentence.
     """
     import ray
+    import ray.data  # noqa: F401  (configures its logger on import: quieted after it)
 
+    _apply_library_level()
     if ray.is_initialized():
         return
     address = settings.ray_address(address)
@@ -33,11 +64,13 @@ def ensure_ray(address: str | None = None, job_resources=None) -> None:
     ctx.enable_progress_bars = settings.progress_bars()
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
             store = local_object_store_bytes(job_resources) if job_resources is not None else None
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     object_store_memory=store)
+            context = ray.init(address="local", include_dashboard=_dashboard is not None, dashboard_host="127.0.0.1",
+                               log_to_driver=False, configure_logging=False, object_store_memory=store)
+            if _dashboard is not None and context.dashboard_url:
+                _dashboard(f"http://{context.dashboard_url}")
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
         where = f"The Ray cluster at {redact(address)} cannot be reached" if address else "Ray cannot start here"
         raise ValueError(f"{where} ({type(exc).__name__}: {first_line(exc)}).") from None

@@ -42,7 +42,14 @@ def ray_address(given: str | None = None) -> str | None:
 
 
 def tracking_uri(given: str | None = None) -> str | None:
-    return given or os.environ.get(TRACKING_ENV) or None
+    """The given URI, else $MLFLOW_TRACKING_URI; a relative SQLite file or folder made absolute, since Ray workers
+    run in other folders and would each open a database of their own."""
+    found = given or os.environ.get(TRACKING_ENV) or None
+    if found and found.startswith("sqlite:///") and not found.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(found.removeprefix("sqlite:///"))
+    if found and "://" not in found and not found.startswith("databricks"):
+        return os.path.abspath(found)
+    return found
 
 
 def history_location(given: str | None = None) -> str:

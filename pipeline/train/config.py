@@ -31,6 +31,7 @@ class TrainConfig(Config):
     """What to learn from, which model, the recipe, hard classes, where it runs, and where results go."""
 
     what: ClassVar[str] = "train job"
+    kind: ClassVar[str | None] = "train"
 
     images: Annotated[str, Field(min_length=1)] = Field(
         description="Training image prefix (local, s3://...) or a manifest with label_uri.")
@@ -112,7 +113,10 @@ class TrainConfig(Config):
     experiment: str = "segmill-train"
     register: str | None = Field(None, description="Register the result as a version of this MLflow model.")
     champion_margin: Annotated[float, Field(ge=0)] = Field(
-        0.0, description="mIoU a new version must gain over the champion to replace it.")
+        0.005, description="mIoU the lower end of the gain's 95% interval (a paired bootstrap over the validation "
+                           "images) must exceed for a new version to replace the champion.")
+    max_class_drop: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.05, description="Most IoU any one class may lose against the champion for the new version to replace it.")
     overlays: Annotated[int, Field(ge=0)] = 4
 
     @field_validator("hard_classes", mode="before")

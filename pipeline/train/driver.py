@@ -19,6 +19,7 @@ from segmill.pipeline.common import settings
 from segmill.pipeline.common.classes import load_class_file
 from segmill.pipeline.common.decode import DecodeError
 from segmill.pipeline.common.model_source import resolve_model
+from segmill.pipeline.common.progress import Counter, ProgressCallback
 from segmill.pipeline.common.runtime import ensure_ray, refuse_local_paths
 from segmill.pipeline.common.storage import arrow_filesystem, join_uri, open_fs, protocol_of, redact
 from segmill.pipeline.tracking import check_reachable, client, experiment_id, latest_evaluation
@@ -26,7 +27,7 @@ from segmill.pipeline.train.bootstrap import hard_classes_from_iou, hard_classes
 from segmill.pipeline.train.config import AUTO, TrainConfig
 from segmill.pipeline.train.data import LabelledSet, load_sets, read_pair
 from segmill.pipeline.train.finish import TrainOutcome, finish_run, log_run_start
-from segmill.pipeline.train.loop import LoopConfig, train_loop_per_worker
+from segmill.pipeline.train.loop import LoopConfig, steps_per_epoch, train_loop_per_worker
 from segmill.pipeline.train.sampling import choose_sampling, class_stats, class_weights, plan_summary
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,9 @@ RUN_RECORD = "segmill-run.json"
 PROBED_PAIRS = 8
 
 
-def train(config: TrainConfig) -> TrainOutcome:
+def train(config: TrainConfig, progress: ProgressCallback | None = None) -> TrainOutcome:
+    """Train, track and (with `register`) register; `progress` is called twice a second with the steps done, the
+    loss, lr, samples/s and the last val mIoU (common/progress.py), from a driver thread."""
     tracking_uri = config.resolved_tracking_uri()
     check_reachable(tracking_uri)
     classes = load_class_file(config.classes, endpoint_url=config.endpoint_url)
@@ -82,6 +85,8 @@ def train(config: TrainConfig) -> TrainOutcome:
     threads, cpus_per_worker = _worker_cpus(config, cluster.get("CPU", 1), use_gpu)
     _check_cpus_left_for_decoding(config, cpus_per_worker, cluster.get("CPU", 0))
     val_usable = val_set.usable
+    counter = Counter.start(progress, total=config.epochs * steps_per_epoch(summary["epoch_images"],
+                                                                            config.batch_size, config.workers))
     loop = LoopConfig(
         spec=spec.to_dict(), index=ray.put(train_set.index), hard_ids=hard_ids, sampling=sampling,
         bootstrap_factor=config.bootstrap_factor, hard_crop_share=config.hard_crop_share if hard else 0.0,
@@ -94,7 +99,8 @@ def train(config: TrainConfig) -> TrainOutcome:
         decode_cpus=config.decode_cpus,
         val_pairs=list(zip(val_usable["image_uri"].to_pylist(), val_usable["label_uri"].to_pylist())),
         val_every=config.val_every, tracking_uri=tracking_uri, run_id=run_id, endpoint_url=config.endpoint_url,
-        backbone_weights=config.backbone_weights, init_checkpoint=init, freeze_backbone=config.freeze_backbone)
+        backbone_weights=config.backbone_weights, init_checkpoint=init, freeze_backbone=config.freeze_backbone,
+        progress=counter.handle if counter else None)
     storage_filesystem, storage_path = _storage(config)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"loop": loop},
@@ -113,6 +119,9 @@ def train(config: TrainConfig) -> TrainOutcome:
     except Exception:
         client(tracking_uri).set_terminated(run_id, status="FAILED")
         raise
+    finally:
+        if counter is not None:
+            counter.stop()
     log.info("training finished in %.0f s", time.time() - started)
     outcome = TrainOutcome(run_id, run_name, float("nan"), {}, result.checkpoint.path, hard, summary, skipped=skipped)
     return finish_run(config, tracking_uri, outcome, spec, result, val_set)
@@ -211,6 +220,9 @@ def _open_run(config: TrainConfig, tracking_uri: str) -> tuple[str, str]:
             raise ValueError(f"There is no run {config.run_name or ''} to resume under {redact(config.storage_path)}.")
         with fs.open(records[-1][1], "r") as f:
             record = json.load(f)
+        if client(tracking_uri).get_run(record["run_id"]).info.status == "FINISHED":
+            raise ValueError(f"Run {record['run_name']} finished already (MLflow run {record['run_id']}): there is "
+                             "nothing to resume, and nothing is registered again; start a new run without resume.")
         client(tracking_uri).update_run(record["run_id"], status="RUNNING")
         return record["run_name"], record["run_id"]
     run_name = config.run_name or f"{config.register or config.model}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -26,6 +26,7 @@ from segmill.models.metrics import SegmentationMetrics
 from segmill.models.registry import get_model
 from segmill.models.training import autocast_dtype, optimizer_with_poly, train_step
 from segmill.models.transfer import freeze_backbone, param_groups, set_backbone_bn_eval
+from segmill.pipeline.common import progress
 from segmill.pipeline.train.data import epoch_dataset
 from segmill.pipeline.train.sampling import class_stats, epoch_plan
 from segmill.pipeline.train.validate import confusion_on_pairs, epoch_metrics
@@ -69,6 +70,7 @@ class LoopConfig:
     backbone_weights: str | None = None
     init_checkpoint: bytes | None = None
     freeze_backbone: bool = False
+    progress: Any = None  # a progress counter's actor handle (common/progress.py), fed by rank 0
 
 
 def build_model(spec: ModelSpec, backbone_weights: str | None, init_checkpoint: bytes | None) -> torch.nn.Module:
@@ -132,6 +134,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hard = torch.tensor(loop.hard_ids, dtype=torch.long, device=device)
     val_pairs = [tuple(p) for p in loop.val_pairs[rank::world]]
     tracker = _Tracker(loop) if rank == 0 else None
+    counter = loop.progress if rank == 0 else None
+    # Values, not counts: a replaced worker or a resume restarts from its checkpoint's step without double counting.
+    progress.add(counter, {}, {"step": start_epoch * steps, "epoch": start_epoch, "epochs": loop.epochs,
+                               "first_step": start_epoch * steps, "first_step_at": time.time()})
 
     for epoch in range(start_epoch, loop.epochs):
         started = time.time()
@@ -151,6 +157,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             value = train_step(model, images, masks, optimizer, scheduler, ignore_index=spec.ignore_index,
                                ohem_fraction=loop.ohem_fraction, class_weights=weights, autocast_dtype=dtype)
             seen.add(value, masks, batch["valid"], hard, spec.ignore_index)
+            progress.add(counter, {}, {
+                "step": epoch * steps + seen.batches, "epoch": epoch, "loss": value, "lr": optimizer.param_groups[-1]["lr"],
+                "samples_per_second": seen.batches * loop.batch_size * world / max(time.time() - started, 1e-9)})
         train_seconds = time.time() - started
         if (epoch + 1) % loop.val_every and epoch + 1 < loop.epochs:
             _report_unvalidated(seen, spec, epoch, train_seconds, optimizer, best, tracker, world)
@@ -168,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "epoch_seconds": time.time() - started, "lr": optimizer.param_groups[-1]["lr"],
                    **epoch_metrics(metrics, spec.classes)}
         improved = best.update(figures, metrics, plain, spec, epoch) if rank == 0 else False
+        progress.add(counter, {}, {"val_miou": figures["val_miou"], "val_epoch": epoch})
         reported = {**figures, "confusion": metrics.confusion.tolist(), "best": best.summary()}
         if rank == 0:
             tracker.log({**figures, "best_val_miou": best.miou}, epoch)

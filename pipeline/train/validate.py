@@ -36,6 +36,33 @@ def confusion_on_pairs(model: torch.nn.Module, spec: ModelSpec, pairs: list[tupl
     return accumulator.confusion, skipped
 
 
+def counts_per_image(model: torch.nn.Module, spec: ModelSpec, pairs: list[tuple[str, str]], *,
+                     device: torch.device, endpoint_url: str | None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Per-image intersection and union counts (images x classes, int64) over the readable `pairs`, and the
+    positions of those pairs: what a paired comparison of two models on the same images needs (models/comparison.py)."""
+    from segmill.models.metrics import confusion_matrix, intersection_and_union
+
+    model.eval()
+    predictor = Predictor(model, mean=spec.mean, std=spec.std, device=device)
+    inters, unions, kept = [], [], []
+    with torch.inference_mode():
+        for position, (image_uri, label_uri) in enumerate(pairs):
+            try:
+                image, label = read_pair(image_uri, label_uri, spec.num_classes, spec.ignore_index, endpoint_url)
+            except DecodeError:
+                continue
+            target = torch.from_numpy(label.astype(np.int64)).to(device)
+            prediction = predictor.predict(image)[0].to(device)
+            inter, union = intersection_and_union(confusion_matrix(prediction, target, spec.num_classes,
+                                                                   spec.ignore_index))
+            inters.append(inter.cpu().numpy())
+            unions.append(union.cpu().numpy())
+            kept.append(position)
+    shape = (0, spec.num_classes)
+    return (np.stack(inters) if inters else np.zeros(shape, np.int64),
+            np.stack(unions) if unions else np.zeros(shape, np.int64), kept)
+
+
 def epoch_metrics(metrics: SegmentationMetrics, classes: tuple[str, ...]) -> dict[str, float]:
     """Validation figures named as MLflow logs them (see tracking.py); undefined IoUs are left out."""
     out = {"val_miou": metrics.mean_iou, "val_pixel_accuracy": metrics.pixel_accuracy}

@@ -38,11 +38,11 @@ def test_iou_is_summed_counts_and_miou_their_mean(scene_results) -> None:
     assert len(labelled) == 6
     expected = {}
     for c in SCENE_CLASSES:
-        inter = sum(r["intersection"][c] for r in labelled)
-        union = sum(r["union"][c] for r in labelled)
+        inter = sum(r["intersection_pixels"][c] for r in labelled)
+        union = sum(r["union_pixels"][c] for r in labelled)
         expected[c] = inter / union if union else None
         row = rows[SCENE_CLASSES.index(c)]
-        assert (row["intersection"], row["union"]) == (inter, union)
+        assert (row["intersection_pixels"], row["union_pixels"]) == (inter, union)
         assert row["iou"] == pytest.approx(expected[c]) if union else row["iou"] is None
     defined = [v for v in expected.values() if v is not None]
     assert rows[-1]["iou"] == pytest.approx(sum(defined) / len(defined))
@@ -110,7 +110,7 @@ def test_cli_answer_to_a_file(scene_results, tmp_path: Path, extension: str) -> 
 def test_cli_show_sql_prints_reusable_sql(scene_results) -> None:
     result = runner.invoke(app, ["query", scene_results.output, "--answer", "iou", "--show-sql"])
     assert result.exit_code == 0, result.output
-    assert 'sum(intersection."road")' in result.output
+    assert 'sum(intersection_pixels."road")' in result.output
     rerun = runner.invoke(app, ["query", scene_results.output, result.output])
     assert rerun.exit_code == 0 and "mIoU" in rerun.output
 

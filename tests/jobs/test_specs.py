@@ -29,7 +29,7 @@ def _write(path: Path, data: dict) -> str:
 
 
 @pytest.mark.parametrize("data, sentence", [
-    ({"input": "a", "output": "b", "model": "m"}, "needs 'kind' set to one of ['evaluate', 'segment', 'train']"),
+    ({"input": "a", "output": "b", "model": "m"}, "needs 'kind' set to one of ['evaluate', 'improve', 'segment', 'train']"),
     ({"kind": "segment", "input": "a", "output": "b", "model": "m", "batchsize": 4}, "unknown key(s) ['batchsize']"),
     ({"kind": "segment", "input": "a", "output": "b", "model": "m", "flip": "yes"}, "key 'flip' must be of type bool"),
     ({"kind": "train", "images": "a", "classes": "c", "epochs": "ten"}, "key 'epochs' must be of type int"),

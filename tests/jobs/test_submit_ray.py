@@ -87,7 +87,7 @@ def test_a_submitted_segment_job_runs_on_the_cluster_and_is_followed(ray_head: s
     result = runner.invoke(app, ["submit", str(segment_spec), "--address", ray_head, "--history", history])
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip().splitlines()[-1]  # stdout: what a script reads; logs go to stderr
-    assert job_id.startswith("segment-") and time.time() - started < 30, "submit returns the id at once"
+    assert job_id.startswith("seg-") and time.time() - started < 30, "submit returns the id at once"
 
     assert _wait_for(ray_head, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, history) == "SUCCEEDED"
     logs = runner.invoke(app, ["jobs", "logs", job_id, "--address", ray_head])

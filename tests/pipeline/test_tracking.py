@@ -1,12 +1,22 @@
 """The champion gate's decision (MLflow's side is exercised end to end in tests/pipeline/train)."""
 from __future__ import annotations
 
+from segmill.models.comparison import Comparison
 from segmill.pipeline.tracking import decide
 
 
-def test_promotion_decision():
-    assert decide(0.5, None, None, 0.0).promoted
-    assert decide(0.61, 0.60, "3", 0.0).promoted
-    held = decide(0.61, 0.60, "3", 0.02)
-    assert not held.promoted and "0.6000" in held.reason and held.champion_version == "3"
-    assert not decide(0.9, None, "3", 0.0, comparable=False).promoted
+def _comparison(low: float, high: float, change: dict[str, float]) -> Comparison:
+    return Comparison(images=100, miou_a=0.60, miou_b=0.60 + (low + high) / 2, low=low, high=high, class_change=change)
+
+
+def test_promotion_only_when_the_interval_clears_the_margin_and_no_class_falls() -> None:
+    assert decide(None, None, margin=0.005, max_class_drop=0.05).promoted  # no champion yet
+    clear = decide(_comparison(0.010, 0.030, {"road": 0.02}), "3", margin=0.005, max_class_drop=0.05)
+    assert clear.promoted and "95% interval +0.0100 to +0.0300" in clear.reason and clear.champion_miou == 0.60
+    noise = decide(_comparison(-0.004, 0.016, {"road": 0.006}), "3", margin=0.0, max_class_drop=0.05)
+    assert not noise.promoted and "does not clear the margin 0" in noise.reason and noise.champion_version == "3"
+    at_margin = decide(_comparison(0.005, 0.02, {}), "3", margin=0.005, max_class_drop=0.05)
+    assert not at_margin.promoted  # the lower end must be above the margin, not on it
+    falls = decide(_comparison(0.010, 0.030, {"road": 0.05, "Pole": -0.08}), "3", margin=0.005, max_class_drop=0.05)
+    assert not falls.promoted and "Pole loses 0.0800 IoU" in falls.reason
+    assert not decide(None, "3", margin=0.0, max_class_drop=0.05, comparable=False).promoted

@@ -4,23 +4,55 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
 from segmill.jobs.cli import app
 
 runner = CliRunner()
-COMMANDS = ["segment", "scenes", "models", "query", "demo"]
+COMMANDS = ["segment", "train", "query", "show", "report", "scenes", "models", "demo", "submit", "run-spec",
+            "scheduler", "jobs list", "jobs status", "jobs logs", "jobs stop", "jobs history", "schedule add",
+            "schedule list", "schedule remove", "schedule firings"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
-def test_every_help_explains_itself(command: str | None) -> None:
-    result = runner.invoke(app, [command, "--help"] if command else ["--help"])
+def test_every_help_explains_itself_with_an_example(command: str | None) -> None:
+    result = runner.invoke(app, [*command.split(), "--help"] if command else ["--help"])
     assert result.exit_code == 0, result.output
-    if command:
-        assert "Usage: " in result.output and len(result.output.split()) > 15
-    else:
-        assert all(c in result.output for c in COMMANDS)
+    assert "Usage: " in result.output and len(result.output.split()) > 15
+    examples = result.output.split("Examples:\n", 1)[1].splitlines()
+    assert examples and all(line.strip().startswith("segmill ") for line in examples if line.strip())
+    assert "<bool>" not in result.output and "PydanticUndefined" not in result.output
+    assert "(default" not in result.output, "defaults read [default: X], nowhere (default: X)"
+    if command is None:
+        assert all(c.split()[0] in result.output for c in COMMANDS)
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"segmill {version('segmill')}"
+
+
+def test_flags_are_the_spec_keys() -> None:
+    """Every option of `segment` and `train` that sets a config key is spelt as the key (old spellings remain as
+    aliases): one YAML file and one command line say the same things in the same words."""
+    import click
+
+    from segmill.pipeline.bulk.config import ResourceConfig, SegmentConfig
+    from segmill.pipeline.train.config import TrainConfig
+
+    group = typer.main.get_command(app)
+    for name, keys in (("segment", set(SegmentConfig.model_fields) | set(ResourceConfig.model_fields)),
+                       ("train", set(TrainConfig.model_fields))):
+        command = group.commands[name]
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in ("config", "quiet", "show_dashboard", "report",
+                                                                      "help"):
+                first = param.opts[0].removeprefix("--").replace("-", "_")
+                assert first in keys, f"{name} --{first.replace('_', '-')} sets no key of the same name"
 
 
 def test_scenes_writes_images_labels_and_classes(tmp_path: Path) -> None:

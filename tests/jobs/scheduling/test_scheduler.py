@@ -172,7 +172,7 @@ def test_add_rejects_bad_input(store: ScheduleStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no 'register' model"):
         add_schedule(store, "x", spec, iou_below=0.5)
     (tmp_path / "seg.yaml").write_text("kind: segment\ninput: a\noutput: b\nmodel: m\n")
-    with pytest.raises(ValueError, match="data conditions need a train spec"):
+    with pytest.raises(ValueError, match="data conditions need a train or improve spec"):
         add_schedule(store, "x", str(tmp_path / "seg.yaml"), min_new_images=5)
     add_schedule(store, "x", spec, cron=WEEKLY)
     with pytest.raises(ValueError, match="already exists"):

@@ -118,7 +118,7 @@ def test_masks_are_what_the_model_predicts(scenes_run: Run, tiny_checkpoint: str
 
 
 def test_dataset_iou_from_sql_equals_the_metrics_module(scenes_run: Run, scenes_dir: Path) -> None:
-    sums = ", ".join(f'sum(intersection.{c}), sum("union".{c})' for c in SCENE_CLASSES)
+    sums = ", ".join(f'sum(intersection_pixels.{c}), sum(union_pixels.{c})' for c in SCENE_CLASSES)
     totals = _sql(scenes_run.config.output, f"SELECT {sums}, sum(correct_pixels), sum(labelled_pixels) FROM results")[0]
     inter, union = np.array(totals[0:-2:2], dtype=np.int64), np.array(totals[1:-2:2], dtype=np.int64)
 
@@ -135,7 +135,7 @@ def test_dataset_iou_from_sql_equals_the_metrics_module(scenes_run: Run, scenes_
 
     # The same per-class IoU straight from one SQL aggregate, with the class addressed by name.
     road = _sql(scenes_run.config.output,
-                'SELECT sum(intersection.road)::DOUBLE / nullif(sum("union".road), 0) FROM results')[0][0]
+                'SELECT sum(intersection_pixels.road)::DOUBLE / nullif(sum(union_pixels.road), 0) FROM results')[0][0]
     expected_road = metrics.iou[SCENE_CLASSES.index("road")].item()
     assert (road is None and math.isnan(expected_road)) or road == pytest.approx(expected_road)
 
@@ -145,8 +145,8 @@ def test_per_image_metrics_equal_the_metrics_module(scenes_run: Run, scenes_dir:
         label = np.asarray(Image.open(scenes_dir / "labels" / Path(uri).name))
         metrics = SegmentationMetrics.from_confusion(
             confusion_matrix(decode_png(row["mask"]), label, len(SCENE_CLASSES)))
-        np.testing.assert_array_equal([row["intersection"][c] for c in SCENE_CLASSES], metrics.intersection.numpy())
-        np.testing.assert_array_equal([row["union"][c] for c in SCENE_CLASSES], metrics.union.numpy())
+        np.testing.assert_array_equal([row["intersection_pixels"][c] for c in SCENE_CLASSES], metrics.intersection.numpy())
+        np.testing.assert_array_equal([row["union_pixels"][c] for c in SCENE_CLASSES], metrics.union.numpy())
         np.testing.assert_allclose(_none_to_nan(row["iou"][c] for c in SCENE_CLASSES), metrics.iou.numpy(),
                                    equal_nan=True)
         assert row["miou"] == pytest.approx(metrics.mean_iou)
@@ -222,8 +222,8 @@ def test_manifest_without_labels_and_without_image_uri(tmp_path: Path) -> None:
 def test_a_csv_manifest_gives_the_same_rows(manifest_run: Run, scenes_run: Run) -> None:
     assert manifest_run.record.rows == 5 and manifest_run.record.ok_rows == 5
     reference = scenes_run.rows
-    compared = ["label_uri", "status", "height", "width", "class_fraction", "class_pixels", "iou", "intersection",
-                "union", "miou", "pixel_accuracy", "labelled_pixels", "correct_pixels", "model_name", "model_version"]
+    compared = ["label_uri", "status", "height", "width", "class_fraction", "class_pixels", "iou", "intersection_pixels",
+                "union_pixels", "miou", "pixel_accuracy", "labelled_pixels", "correct_pixels", "model_name", "model_version"]
     for uri, row in manifest_run.rows.items():
         assert {k: row[k] for k in compared} == {k: reference[uri][k] for k in compared}, uri
         np.testing.assert_array_equal(decode_png(row["mask"]), decode_png(reference[uri]["mask"]))
@@ -231,7 +231,7 @@ def test_a_csv_manifest_gives_the_same_rows(manifest_run: Run, scenes_run: Run) 
     assert manifest_run.record.job_id != scenes_run.record.job_id
 
 
-def test_png_export_writes_masks_and_overlays_of_the_image_sizes(manifest_run: Run) -> None:
+def test_png_export_writes_masks_and_overlays_with_a_legend(manifest_run: Run) -> None:
     out = Path(manifest_run.config.output)
     palette = np.array(SCENE_PALETTE, dtype=np.uint8)
     assert len(list((out / "png" / "masks").iterdir())) == 5
@@ -240,10 +240,14 @@ def test_png_export_writes_masks_and_overlays_of_the_image_sizes(manifest_run: R
         image = np.asarray(Image.open(uri).convert("RGB"))
         colour = np.asarray(Image.open(out / "png" / "masks" / png_key(uri)))
         overlay = np.asarray(Image.open(out / "png" / "overlays" / png_key(uri)))
-        assert colour.shape == overlay.shape == image.shape
+        height, width = image.shape[:2]
+        assert colour.shape == image.shape and overlay.shape[1:] == image.shape[1:] and overlay.shape[0] > height
         np.testing.assert_array_equal(colour, palette[decode_png(row["mask"])])
         expected = np.round(0.5 * image.astype(np.float32) + 0.5 * colour.astype(np.float32))
-        assert np.abs(overlay.astype(int) - expected.astype(int)).max() <= 1
+        assert np.abs(overlay[:height].astype(int) - expected.astype(int)).max() <= 1
+        legend = overlay[height:].reshape(-1, 3)  # under the overlay: every class's colour beside its name
+        for rgb in SCENE_PALETTE:
+            assert (legend == rgb).all(axis=1).sum() >= 100, rgb
 
 
 # Real images: DSB2018 nuclei, through a Parquet manifest
@@ -289,8 +293,8 @@ def test_dsb2018_iou_in_the_table_equals_the_metrics_module(dsb_run: Run, nuclei
         accumulator.update(mask, label)
     dataset = accumulator.compute()
     (iou_background, iou_nucleus, miou) = _sql(dsb_run.config.output, """
-        WITH t AS (SELECT sum(intersection.background)::DOUBLE / sum("union".background) AS bg,
-                          sum(intersection.nucleus)::DOUBLE / sum("union".nucleus) AS nu FROM results)
+        WITH t AS (SELECT sum(intersection_pixels.background)::DOUBLE / sum(union_pixels.background) AS bg,
+                          sum(intersection_pixels.nucleus)::DOUBLE / sum(union_pixels.nucleus) AS nu FROM results)
         SELECT bg, nu, (bg + nu) / 2 FROM t""")[0]
     assert [iou_background, iou_nucleus] == pytest.approx(dataset.iou.tolist())
     assert miou == pytest.approx(dataset.mean_iou)

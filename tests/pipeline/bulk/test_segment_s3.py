@@ -73,7 +73,7 @@ def test_s3_to_s3_every_input_once(s3_to_s3: Run, s3_scenes: list[str], s3_serve
                        f"FROM read_parquet('s3://{BUCKET}/out/*.parquet') GROUP BY 1 ORDER BY 1").fetchall()
     assert [(uri, n, status) for uri, n, status, _ in rows] == [(uri, 1, "ok") for uri in s3_scenes]
     assert all(label == uri.replace("/images/", "/labels/") for uri, _, _, label in rows)
-    (road_iou,) = con.execute(f'SELECT sum(intersection.road) / sum("union".road) FROM read_parquet('
+    (road_iou,) = con.execute(f'SELECT sum(intersection_pixels.road) / sum(union_pixels.road) FROM read_parquet('
                               f"'s3://{BUCKET}/out/*.parquet')").fetchone()
     assert road_iou is None or 0 <= road_iou <= 1
     assert (s3_to_s3.record.rows, s3_to_s3.record.ok_rows, s3_to_s3.record.processed_this_run) == (12, 12, 12)

@@ -5,6 +5,7 @@ go on from the last checkpoint; a stopped driver's run is continued with `resume
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +15,11 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import psutil
 import pytest
+from conftest import images_loaded, table_cells
+from PIL import Image
 
 from segmill.pipeline import SegmentConfig, segment
 from segmill.pipeline.common.model_source import resolve_model
@@ -40,7 +44,7 @@ def _steps(tracking: str, run_id: str, key: str) -> list[int]:
 
 
 def test_train_on_s3_tracks_registers_and_promotes_only_when_better(ray_session, s3_server, mlflow_server, train_scenes,
-                                                                    tmp_path):
+                                                                    tmp_path, request):
     bucket = s3_server.create_bucket("train-job")
     fs = s3_server.filesystem()
     _upload(fs, train_scenes, f"{bucket}/scenes")
@@ -56,20 +60,39 @@ def test_train_on_s3_tracks_registers_and_promotes_only_when_better(ray_session,
     assert summary["epoch_images"] == summary["images"] + 2 * summary["hard_images"]
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(first.run_id)
-    assert set(config.to_dict()) <= set(run.data.params)
+    given = {k for k, v in config.to_dict().items() if v is not None}
+    assert given <= set(run.data.params) and "None" not in run.data.params.values()
+    assert run.data.params["resume"] == "false" and run.data.params["epochs"] == "2"
+    typed = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="config.json",
+                                                                dst_path=str(tmp_path), tracking_uri=mlflow_server))
+                       .read_text())
+    assert typed["epochs"] == 2 and typed["resume"] is False and typed["val_images"] is None
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    assert inputs["training"].dataset.digest == run.data.tags["segmill.train_fingerprint"][:36]
     assert run.data.params["hard_classes_resolved"] == "pole,sign"
     assert run.data.tags["segmill.train_fingerprint"] and run.data.tags["segmill.val_fingerprint"]
     assert _steps(mlflow_server, first.run_id, "loss") == [0, 1]
     assert _steps(mlflow_server, first.run_id, "val_miou") == [0, 1]
     assert any(k.startswith("val_iou.") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(first.run_id)}
-    assert {"checkpoint", "confusion_matrix.png", "overlays", "bootstrap.json"} <= artifacts
+    assert {"checkpoint", "confusion_matrix.png", "overlays", "bootstrap.json", "report.html"} <= artifacts
     assert len(client.list_artifacts(first.run_id, "overlays")) == 2
     assert any(key.endswith("checkpoint/model.pt") for key in fs.find("mlflow-artifacts"))  # on S3, via the server
     assert fs.find(f"{bucket}/train/{first.run_name}")  # Ray Train checkpoints on S3 too
 
     served = resolve_model("models:/scenes-s3@champion", tracking_uri=mlflow_server)
     assert served.version == "1" and served.spec.classes == SCENE_CLASSES
+    mlflow.set_tracking_uri(mlflow_server)  # a real MLflow model: loads and predicts with MLflow alone
+    try:
+        pyfunc = mlflow.pyfunc.load_model("models:/scenes-s3@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [str(s.type) for s in pyfunc.metadata.signature.inputs.inputs] == ["uint8"]
+    image = np.asarray(Image.open(sorted((train_scenes / "images").glob("*.png"))[0]).convert("RGB"))
+    batch = np.stack([image, image[:, ::-1]])  # one size per call
+    masks = pyfunc.predict(batch)
+    assert masks.shape == batch.shape[:3] and masks.dtype == np.int32 and masks.max() < len(SCENE_CLASSES)
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server  # the bulk job's actors resolve models:/ through it
     try:
         record = segment(SegmentConfig(input=f"s3://{bucket}/scenes/images", output=f"s3://{bucket}/served",
@@ -81,14 +104,28 @@ def test_train_on_s3_tracks_registers_and_promotes_only_when_better(ray_session,
 
     second = train(TrainConfig(**{**config.to_dict(), "epochs": 1, "champion_margin": 1.0}))
     assert (second.model_version, second.champion) == ("2", False)
-    assert second.champion_miou is not None and "does not beat" in second.decision
+    assert second.champion_miou is not None and "does not clear the margin 1" in second.decision
     assert client.get_model_version_by_alias("scenes-s3", CHAMPION).version == "1"
     assert client.get_model_version_by_alias("scenes-s3", CHALLENGER).version == "2"
     tags = client.get_model_version("scenes-s3", "2").tags
     assert tags["segmill.decision"] == "challenger" and float(tags["segmill.champion_miou"]) == pytest.approx(
         second.champion_miou, abs=1e-6)
+    assert float(tags["segmill.gain_low"]) <= float(tags["segmill.gain"]) <= float(tags["segmill.gain_high"])
+    assert set(json.loads(tags["segmill.class_change"])) <= set(SCENE_CLASSES)
     evaluation = latest_evaluation(mlflow_server, "scenes-s3")  # the champion, re-scored on the same val set
     assert evaluation.dataset == run.data.tags["segmill.val_fingerprint"]
+
+    # The second run's report, opened in Chromium: its IoU beside the champion's, as scored for the gate.
+    report = Path(client.download_artifacts(second.run_id, "report.html", str(tmp_path)))
+    page = request.getfixturevalue("browser").open(report)  # skips here, last, where no browser can be had
+    assert all(images_loaded(page)) and len(images_loaded(page)) == 1 + 1 + 2  # IoU bars, confusion, 2 overlays
+    cells = {row[0]: row[1:] for row in table_cells(page, "iou-table")}
+    assert list(cells) == [*SCENE_CLASSES, "mIoU"]
+    for name in SCENE_CLASSES:
+        ours, theirs = second.val_iou[name], evaluation.iou[name]
+        assert cells[name][0] == ("-" if ours != ours else f"{ours:.4f}")
+        assert cells[name][1] == ("-" if theirs != theirs else f"{theirs:.4f}")
+    assert cells["mIoU"][:2] == [f"{second.val_miou:.4f}", f"{second.champion_miou:.4f}"]
 
 
 def _train_workers() -> list[int]:
@@ -172,6 +209,11 @@ def test_resume_continues_a_stopped_run(train_scenes, tmp_path):
         [mlflow.MlflowClient(tracking_uri=tracking).get_experiment_by_name("segmill-train").experiment_id])[0].info.run_id
     steps = _steps(tracking, run_id, "loss")
     assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1, 2], steps
+
+    again = subprocess.run([SEGMILL, "train", *args, "--resume", "--register", "scenes"], env=env,
+                           capture_output=True, text=True, timeout=300)  # the run is finished now
+    assert again.returncode == 2 and "finished already" in again.stderr and "Traceback" not in again.stderr
+    assert not mlflow.MlflowClient(tracking_uri=tracking).search_registered_models(), "nothing registered"
 
 
 def test_hard_class_options_reach_the_workers_and_the_best_epoch_is_the_model(ray_session, train_scenes, tmp_path):
