@@ -23,12 +23,13 @@ def run_select(results: str, output: str, *, n: int, strategy: str, hard_classes
     if hard_classes:
         hard, source = [c.strip() for c in hard_classes.split(",") if c.strip()], "named"
     elif model:
-        from segmill.pipeline.tracking import latest_evaluation
+        from segmill.pipeline.tracking import check_reachable, latest_evaluation
         from segmill.pipeline.train.bootstrap import hard_classes_from_iou
 
         tracking = settings.tracking_uri(tracking_uri)
         if not tracking:
             raise ValueError("--model needs --tracking-uri (or $MLFLOW_TRACKING_URI) to find its champion's evaluation.")
+        check_reachable(tracking)
         evaluation = latest_evaluation(tracking, model)
         if evaluation is None:
             raise ValueError(f"Model {model} has no champion evaluation to take hard classes from; name them with "

@@ -63,6 +63,8 @@ def images(snapshot: Snapshot) -> tuple[float, str]:
     done = counts.get("ok", 0) + counts.get("errors", 0)
     rate = done / snapshot.elapsed if snapshot.elapsed > 0 else 0.0
     total = f"/{snapshot.total:.0f}" if snapshot.total else ""
+    if not done and not snapshot.finished:  # Ray, the model check and the actors' start come first
+        return done, f"0{total} images, starting the model actors"
     return done, (f"{done:.0f}{total} images ({counts.get('ok', 0):.0f} ok, {counts.get('errors', 0):.0f} errors), "
                   f"{rate:.1f} img/s, {eta(done, snapshot.total, snapshot.elapsed)} left")
 

@@ -16,8 +16,9 @@ REASONS_SHOWN = 5
 
 
 def reason_of(message: str | None, uri: str | None) -> str:
-    """What an error message says, with the file's name and any number taken out (so like errors group)."""
-    return re.sub(r"\d+", "#", (message or "").replace(uri or "\0", "").strip())
+    """What an error message says, with the file's name and any number taken out (so like errors group); the
+    name becomes `<image>`, so the reason still reads as a sentence."""
+    return re.sub(r"\d+", "#", (message or "").replace(uri or "\0", "<image>").strip())
 
 
 def error_reasons(messages: list[str], uris: list[str]) -> Counter:

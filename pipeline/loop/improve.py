@@ -18,7 +18,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Callable, ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.config import Config
@@ -58,6 +58,13 @@ class ImproveConfig(Config):
     tracking_uri: str | None = None
     endpoint_url: str | None = None
     ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "ImproveConfig":
+        if (self.segment_input is None) != (self.segment_output is None):
+            raise ValueError("segment_input and segment_output go together: give both to re-segment with a new "
+                             "champion, or neither")
+        return self
 
     def train_config(self, arch: str, arch_kwargs: dict[str, Any]):
         from segmill.pipeline.train.config import TrainConfig
@@ -107,7 +114,7 @@ def improve(config: ImproveConfig, progress: Callable[[str, str], Any] | None = 
     from segmill.pipeline.bulk.evaluate import EvaluateConfig, evaluate
     from segmill.pipeline.common.classes import load_class_file
     from segmill.pipeline.common.model_source import resolve_model
-    from segmill.pipeline.tracking import check_reachable, client, current_champion
+    from segmill.pipeline.tracking import CHALLENGER, alias_version, check_reachable, client, current_champion
     from segmill.pipeline.train.data import load_sets
 
     tracking = settings.tracking_uri(config.tracking_uri)
@@ -126,19 +133,24 @@ def improve(config: ImproveConfig, progress: Callable[[str, str], Any] | None = 
                                    ignore_index=classes.ignore_index)
     outcome = ImproveOutcome(config.model, str(champion.version), "", train_images=train_set.usable.num_rows,
                              val_images=val_set.usable.num_rows)
-    trained_on = client(tracking).get_run(champion.run_id).data.tags.get("segmill.train_fingerprint") \
-        if champion.run_id else None
-    if trained_on == train_set.fingerprint and not config.force:
-        outcome.decision = (f"no new labels since version {champion.version} was trained on these images; "
-                            "nothing trained (force: true trains anyway)")
-        log.warning("improve %s: %s", config.model, outcome.decision)
-        return _finish(config, outcome)
+    # Nothing new to learn from: the champion, or the last challenger the gate kept out, was trained on these labels.
+    challenger = alias_version(tracking, config.model, CHALLENGER)
+    for version, how in ((champion, ""), (challenger, ", not promoted,")):
+        trained_on = client(tracking).get_run(version.run_id).data.tags.get("segmill.train_fingerprint") \
+            if version is not None and version.run_id else None
+        if trained_on == train_set.fingerprint and not config.force:
+            outcome.decision = (f"no new labels since version {version.version}{how} was trained on these images; "
+                                "nothing trained (force: true trains anyway)")
+            log.warning("improve %s: %s", config.model, outcome.decision)
+            return _finish(config, outcome)
 
     log.info("improve %s: evaluating champion version %s on %d validation images", config.model, champion.version,
              outcome.val_images)
     with views("images", f"evaluate v{champion.version}") as view:
         evaluation = evaluate(EvaluateConfig(model=f"models:/{config.model}@champion", images=config.val_images,
-                                             labels=config.val_labels, output=join_uri(config.output, "evaluation"),
+                                             labels=config.val_labels,
+                                             output=join_uri(config.output, "evaluation",
+                                                             f"v{champion.version}-{val_set.fingerprint[:12]}"),
                                              dataset=val_set.fingerprint, tracking_uri=tracking,
                                              endpoint_url=config.endpoint_url, ray_address=config.ray_address),
                               progress=view)
@@ -151,9 +163,13 @@ def improve(config: ImproveConfig, progress: Callable[[str, str], Any] | None = 
     outcome.trained, outcome.run_id, outcome.new_version = True, trained.run_id, trained.model_version
     outcome.promoted, outcome.decision, outcome.hard_classes = trained.champion, trained.decision, trained.hard_classes
     outcome.challenger_miou, outcome.champion_miou = trained.val_miou, trained.champion_miou
-    if trained.comparison is not None:
-        outcome.gain_interval = (trained.comparison.low, trained.comparison.high)
-    outcome.per_class = {c: {"champion": (trained.champion_iou or {}).get(c), "challenger": trained.val_iou.get(c)}
+    champion_iou, challenger_iou = trained.champion_iou or {}, dict(trained.val_iou)
+    gate = trained.comparison
+    if gate is not None:  # both as the gate scored them, on the same images (training's validation differs a bit)
+        outcome.gain_interval = (gate.low, gate.high)
+        outcome.champion_miou, outcome.challenger_miou = gate.miou_a, gate.miou_b
+        challenger_iou = {c: champion_iou[c] + change for c, change in gate.class_change.items() if c in champion_iou}
+    outcome.per_class = {c: {"champion": champion_iou.get(c), "challenger": challenger_iou.get(c)}
                          for c in classes.names}
     if outcome.promoted and config.segment_input and config.segment_output:
         from segmill.pipeline.bulk.config import SegmentConfig

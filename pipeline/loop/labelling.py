@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -62,28 +61,42 @@ def write_package(selection: Selection, results: str, output: str, classes: Clas
 
 def unique_names(image_uris: list[str]) -> dict[str, str]:
     """A file name per image for the labelling tool: its own, or with its folder when two share one."""
-    stems = [posixpath.basename(u) for u in image_uris]
-    taken = {s for s in stems if stems.count(s) == 1}
-    return {u: s if s in taken else f"{posixpath.basename(posixpath.dirname(u))}_{s}" for u, s in zip(image_uris, stems)}
+    names = [posixpath.basename(u) for u in image_uris]
+    stems = [posixpath.splitext(n)[0] for n in names]  # a.png and a.jpg would share the mask a.png
+    named = {u: n if stems.count(s) == 1 else f"{posixpath.basename(posixpath.dirname(u))}_{n}"
+             for u, n, s in zip(image_uris, names, stems)}
+    seen: dict[str, int] = {}
+    for u in image_uris:  # still the same (two folders of one name): number them
+        stem, ext = posixpath.splitext(named[u])
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        if count:
+            named[u] = f"{stem}_{count}{ext}"
+    return named
 
 
 def _masks(results: str, image_uris: list[str], endpoint_url: str | None) -> dict[str, np.ndarray]:
     """The stored masks of these images (the model's predictions), from the results table."""
-    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
-    from segmill.pipeline.bulk.results import committed_rows
+    from segmill.pipeline.bulk.results import committed_parts
 
-    rows = committed_rows(results, endpoint_url, ["image_uri", "mask", "status"])
-    rows = rows.filter(pc.is_in(rows["image_uri"], pa.array(image_uris)))
+    fs, _ = open_fs(results, endpoint_url=endpoint_url)
+    # The filter goes into the scan: a million-row table is not read whole for a hundred masks.
+    rows = pads.dataset(committed_parts(results, endpoint_url), filesystem=fs, format="parquet").to_table(
+        columns=["image_uri", "mask", "status"], filter=pads.field("image_uri").isin(image_uris))
     return {uri: decode_png(mask) for uri, mask, status in zip(*(rows[c].to_pylist() for c in rows.column_names))
             if status == "ok" and mask}
 
 
 def _write_cvat(fs, root: str, selection: Selection, masks, names, classes: ClassFile, endpoint_url) -> None:
     # CVAT paints unlabelled pixels with `background`'s colour; a class of that name (DSB2018's) is that label.
+    # Otherwise background gets a colour no class has (black, unless a class is black).
     labelmap = [f"{n}:{','.join(map(str, c))}::" for n, c in zip(classes.names, classes.palette)]
     if BACKGROUND not in classes.names:
-        labelmap.insert(0, f"{BACKGROUND}:0,0,0::")
+        used = {tuple(c) for c in classes.palette}
+        free = next(c for c in ((v, v, v) for v in range(256)) if c not in used)
+        labelmap.insert(0, f"{BACKGROUND}:{','.join(map(str, free))}::")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("labelmap.txt", "# label:color_rgb:parts:actions\n" + "\n".join(labelmap) + "\n")
@@ -239,7 +252,13 @@ def _labelmap(text: bytes, export: str, classes: ClassFile) -> dict[int, int]:
         else:
             raise ValueError(f"CVAT label {name!r} of {redact(export)} is not a class of the class file "
                              f"({', '.join(classes.names)}); nothing was imported.")
-        mapping[(r << 16) | (g << 8) | b] = index
+        key = (r << 16) | (g << 8) | b
+        if mapping.get(key, index) != index:
+            raise ValueError(f"CVAT labelmap.txt of {redact(export)} gives colour {(r, g, b)} to two labels; give "
+                             "each label its own colour; nothing was imported.")
+        mapping[key] = index
+    if not mapping:
+        raise ValueError(f"CVAT labelmap.txt of {redact(export)} names no label; nothing was imported.")
     return mapping
 
 

@@ -95,8 +95,13 @@ def select(results: str, n: int, *, strategy: str = "balanced", hard_classes: li
     if unknown:
         raise ValueError(f"Hard classes {unknown} are not classes of the results at {redact(results)}: {list(classes)}.")
     hard_ids = [classes.index(c) for c in hard_classes or []]
-    wanted = pc.and_(pc.equal(rows["status"], "ok"), pc.is_null(rows["label_uri"]))
-    rows = rows.filter(wanted)
+    if strategy == "hard-classes" and not hard_ids:
+        raise ValueError("Strategy 'hard-classes' needs hard classes: name them (--hard-classes) or give the model "
+                         "whose evaluation names them (--model).")
+    ok = pc.equal(rows["status"], "ok")
+    if not pc.any(ok).as_py():
+        raise ValueError(f"Results {redact(results)} hold no ok row (every image is an error row): nothing to select.")
+    rows = rows.filter(pc.and_(ok, pc.is_null(rows["label_uri"])))
     if rows.num_rows == 0:
         raise ValueError(f"Every ok image of {redact(results)} has a label already: there is nothing to select.")
     fractions = np.stack([np.nan_to_num(rows["class_fraction"].combine_chunks().field(c).to_numpy(zero_copy_only=False)

@@ -181,8 +181,9 @@ def _register(config, tracking_uri, outcome: TrainOutcome, spec: ModelSpec, val_
             cpu = torch.device("cpu")
             inter_a, union_a, kept = counts_per_image(theirs, resolved.spec, val_pairs, device=cpu,
                                                       endpoint_url=config.endpoint_url)
-            inter_b, union_b, _ = counts_per_image(model, spec, [val_pairs[i] for i in kept], device=cpu,
-                                                   endpoint_url=config.endpoint_url)
+            inter_b, union_b, kept_b = counts_per_image(model, spec, [val_pairs[i] for i in kept], device=cpu,
+                                                        endpoint_url=config.endpoint_url)
+            inter_a, union_a = inter_a[kept_b], union_a[kept_b]  # an image the second pass could not read: out
             comparison = paired_bootstrap(inter_a, union_a, inter_b, union_b, spec.classes, seed=config.seed)
             iou = iou_from_counts(inter_a.sum(0), union_a.sum(0))
             outcome.champion_iou = {c: float(v) for c, v in zip(spec.classes, iou) if v == v}

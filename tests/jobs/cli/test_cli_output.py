@@ -37,7 +37,7 @@ def test_segment_shows_progress_a_summary_and_no_library_lines(tmp_path: Path, t
     lines = done.stdout.splitlines()
     assert any(re.fullmatch(r"segment: 7/7 images \(6 ok, 1 errors\), [\d.]+ img/s, 0s left", line) for line in lines), lines
     assert any(re.match(r"job seg-[0-9a-f]{12}: 7 rows \(6 ok, 1 errors\), 7 segmented this run", line) for line in lines)
-    assert any(line.startswith("  errors: 1 x ") for line in lines)
+    assert "  errors: 1 x <image> is not a readable image file." in lines
     assert any(line.startswith("  with labels: mIoU ") and "pole" in line for line in lines)
     assert any(line.endswith(f"report: {out}/report.html") for line in lines) and (out / "report.html").is_file()
     assert lines[-1] == f"  next: segmill query {out} --answer errors"
@@ -85,10 +85,12 @@ def test_plain_progress_is_a_line_every_interval_and_one_at_the_end(monkeypatch)
         view(_snapshot({"ok": 3, "errors": 1}, total=10))  # within the interval: nothing yet
         assert buffer.getvalue() == ""
         monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+        view(_snapshot({}, total=10))  # before the first image: what it is waiting for, not "0.0 img/s, ? left"
         view(_snapshot({"ok": 4, "errors": 1}, total=10))
         view(_snapshot({"ok": 9, "errors": 1}, total=10, finished=True))
     lines = buffer.getvalue().splitlines()
-    assert lines[0].startswith("segment: 5/10 images (4 ok, 1 errors), 0.5 img/s, 10s left")
+    assert lines[0] == "segment: 0/10 images, starting the model actors"
+    assert lines[1].startswith("segment: 5/10 images (4 ok, 1 errors), 0.5 img/s, 10s left")
     assert lines[-1].startswith("segment: 10/10 images (9 ok, 1 errors), 1.0 img/s, 0s left")
 
 

@@ -76,6 +76,10 @@ def test_improve_spec_mistakes_are_one_sentence_before_any_work(tmp_path: Path, 
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "nowhere" in done.stderr
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="segment_input and segment_output go together"):
+        from segmill.pipeline.loop.improve import ImproveConfig
+
+        ImproveConfig.from_dict({**{k: v for k, v in spec.items() if k != "kind"}, "segment_input": str(tmp_path)})
     with pytest.raises(ValueError, match=r"may not set \['model'\]"):
         from segmill.pipeline.loop.improve import ImproveConfig
 

@@ -141,3 +141,28 @@ def test_cvat_background_is_ignored_and_bad_exports_write_nothing(tmp_path: Path
         import_cvat(str(tmp_path / "notzip.zip"), CLASSES, str(tmp_path / "o3"))
     with pytest.raises(ValueError, match="does not exist"):
         import_cvat(str(tmp_path / "missing.zip"), CLASSES, str(tmp_path / "o4"))
+
+
+def test_names_for_the_tools_are_unique_and_colours_never_shared():
+    from segmill.pipeline.loop.labelling import _labelmap, unique_names
+
+    uris = ["s3://b/day1/cam/0001.png", "s3://b/day2/cam/0001.png", "s3://b/x/a.png", "s3://b/x/a.jpg"]
+    names = unique_names(uris)
+    stems = [n.rsplit(".", 1)[0] for n in names.values()]
+    assert len(set(stems)) == 4, names  # one mask per image, none overwritten
+    black = ClassFile(("Sky", "Road"), ((0, 0, 0), (128, 64, 128)))
+    with pytest.raises(ValueError, match=r"gives colour \(0, 0, 0\) to two labels"):
+        _labelmap(b"background:0,0,0::\nSky:0,0,0::\n", "export.zip", black)
+    with pytest.raises(ValueError, match="names no label"):
+        _labelmap(b"# label:color_rgb:parts:actions\n", "export.zip", black)
+
+
+def test_a_black_class_leaves_background_another_colour(tmp_path: Path):
+    results, masks = _results_with_masks(tmp_path)
+    black = ClassFile(("road", "car", "pole"), ((0, 0, 0), (64, 0, 128), (192, 192, 128)), 255)
+    write_package(select(results, 3), results, str(tmp_path / "batch"), black)
+    with zipfile.ZipFile(tmp_path / "batch" / "cvat" / "prelabels.zip") as archive:
+        lines = archive.read("labelmap.txt").decode().splitlines()
+    assert "background:1,1,1::" in lines and "road:0,0,0::" in lines
+    done = import_cvat(str(tmp_path / "batch" / "cvat" / "prelabels.zip"), black, str(tmp_path / "labels"))
+    assert done.labels == 3 and done.classes_seen["road"] > 0

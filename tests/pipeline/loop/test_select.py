@@ -101,5 +101,11 @@ def test_select_refuses_what_it_cannot_do_in_one_sentence(tmp_path: Path):
         select(results, 1, hard_classes=["tree"])
     with pytest.raises(ValueError, match="Every ok image of .* has a label already"):
         select(results, 1)
+    with pytest.raises(ValueError, match="Strategy 'hard-classes' needs hard classes"):
+        select(results, 1, strategy="hard-classes")
+    broken = _results(tmp_path / "broken", [dict(uri="/d/b.png", confidence=0, entropy=0, fractions=(0, 0, 0),
+                                                 status="error")])
+    with pytest.raises(ValueError, match="hold no ok row"):
+        select(broken, 1)
     with pytest.raises(ValueError, match="hold no rows"):
         select(str(tmp_path / "empty"), 1)
