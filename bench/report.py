@@ -28,7 +28,8 @@ def _gb(n: float) -> str:
 
 
 def print_case(case: dict[str, Any]) -> None:
-    print(f"\n== {case['case']} ({case['images']})")
+    busy = f", beside {case['busy_cores']} busy core(s)" if case.get("busy_cores") else ""
+    print(f"\n== {case['case']} ({case['images']}{busy})")
     print(f"{'program':<34}{'img/s':>8}{'steady':>8}{'peak GB':>9}{'procs':>6}  {'agree':>7}  stages (s, summed over workers)")
     for r in case["results"]:
         if "failed" in r:
@@ -55,8 +56,12 @@ def print_case(case: dict[str, Any]) -> None:
         busiest = list(r.get("cpu_seconds_by_process", {}).items())[:5]
         if busiest:
             print(f"  CPU seconds, {r['name']}: " + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in busiest))
+        if r.get("warm_images_per_second"):
+            print(f"  later jobs in the same process, {r['name']} (total img/s): "
+                  + ", ".join(f"{rate:.2f}" for rate in r["warm_images_per_second"]))
     for name, ratio in case["ratios"].items():
-        print(f"  ratio {name}: {ratio['total']:.2f}x total, {ratio['steady']:.2f}x steady")
+        steady = "" if ratio["steady"] is None else f", {ratio['steady']:.2f}x steady"
+        print(f"  ratio {name}: {ratio['total']:.2f}x total{steady}")
 
 
 def cost_model(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,13 +75,16 @@ def cost_model(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             per_image = {stage: seconds / r["images"] for stage, seconds in r["stages"].items()}
             actors = r["settings"].get("actors_max") or 1
+            # An actor running several batches at once sums their task times: its rate is that many times 1/time.
+            concurrent = r["settings"].get("concurrent_batches") or 1
             ceilings = {}
             for stage, seconds in per_image.items():
                 if seconds > 0:
-                    ceilings[stage] = (actors if "Segmenter" in stage else cpus) / seconds
+                    ceilings[stage] = (actors * concurrent if "Segmenter" in stage else cpus) / seconds
             model = next((s for s in per_image if "Segmenter" in s), None)
             row = {"case": case["case"], "name": r["name"], "seconds_per_image": per_image,
-                   "model_images_per_second_per_actor": 1 / per_image[model] if model and per_image[model] else None,
+                   "model_images_per_second_per_actor": concurrent / per_image[model] if model and per_image[model]
+                   else None,
                    "ceilings_images_per_second": ceilings,
                    "bound_by": min(ceilings, key=ceilings.get) if ceilings else None,
                    "measured_images_per_second": r["images_per_second"]}

@@ -3,6 +3,7 @@ batch-inference pattern, on the same images, weights and output (uint8 masks as 
 
     python -m bench.throughput                        # what `make bench` runs (from the repository's root)
     python -m bench.throughput --synthetic 1000,10000 --synthetic-side 64 --programs segmill
+    python -m bench.throughput --busy-cores 1         # every program beside one core kept busy (bench/burner.py)
 
 Each program runs in its own process; its peak memory is the summed PSS of that process and all it starts.
 Prints images/s, the ratios of segmill to each program, peak memory and seconds per stage; writes JSON.
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-actors", type=int, default=2)
     p.add_argument("--ray-cpus", type=float, default=0.5)
     p.add_argument("--ray-batch", type=int, default=4)
+    p.add_argument("--segmill-jobs", type=int, default=1,
+                   help="jobs segmill runs one after another in one process; the later ones are reported as warm")
+    p.add_argument("--busy-cores", type=int, default=0,
+                   help="cores kept busy by spinning processes while each program runs (contention on purpose)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every program; the median run is reported")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "segmill-bench"))
     p.add_argument("--output", default=".segmill/bench/bench.json", help="where the JSON report goes")
@@ -70,8 +75,11 @@ def _fields(items: list[str]) -> dict[str, Any]:
     return fields
 
 
-def run_program(name: str, program: str, images: str, checkpoint: str, output: str, options: dict) -> dict:
-    """Run one program in a fresh process; its result plus the peak summed memory of its process tree."""
+def run_program(name: str, program: str, images: str, checkpoint: str, output: str, options: dict,
+                busy_cores: int = 0) -> dict:
+    """Run one program in a fresh process, beside `busy_cores` spinning ones; its result plus the peak summed
+    memory of its process tree (the spinning processes are not in it)."""
+    from bench.burner import BusyCores
     from bench.data import TreeMemory
 
     result_file = Path(output + ".result.json")
@@ -80,21 +88,27 @@ def run_program(name: str, program: str, images: str, checkpoint: str, output: s
     # The child finds `bench` as this process did, from wherever the benchmark was started.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "SEGMILL_PROGRESS": "0", "PYTHONPATH": path}
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "bench.throughput", "--child", json.dumps(spec)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with TreeMemory(process.pid) as memory:
-        _, stderr = process.communicate()
+    with BusyCores(busy_cores) as busy:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "bench.throughput", "--child", json.dumps(spec)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with TreeMemory(process.pid) as memory:
+            _, stderr = process.communicate()
+        busy_seconds = busy.cpu_seconds()
     if process.returncode or not result_file.exists():
         return {"name": name, "program": program, "failed": stderr.strip().splitlines()[-1:] or ["no result"]}
     result = json.loads(result_file.read_text())
     result.update(name=name, program=program, wall_seconds=time.perf_counter() - started,
                   images_per_second=result["images"] / result["seconds"],
                   steady_images_per_second=result["images"] / (result.get("steady_seconds") or result["seconds"]),
+                  warm_images_per_second=[result["images"] / s for s in result.get("warm_seconds", [])] or None,
                   peak_memory_bytes=memory.peak,
                   peak_processes=memory.peak_processes, peak_memory_by_process=memory.peak_by_process,
                   cpu_seconds_by_process=memory.cpu_by_process, peak_shared_memory_bytes=memory.peak_shared,
                   peak_memory_by_quarter_bytes=memory.peaks_by_part(4))
+    if busy_cores:
+        result["busy_cores"] = busy_cores
+        result["busy_cores_used"] = busy_seconds / result["wall_seconds"]  # cores the burners really took
     if memory.gpu_util:
         result["gpu_utilisation_mean"] = sum(memory.gpu_util) / len(memory.gpu_util)
     return result
@@ -142,20 +156,22 @@ def _median_run(runs: list[dict]) -> dict:
     ran.sort(key=lambda r: r["steady_images_per_second"])
     median = dict(ran[(len(ran) - 1) // 2])
     if len(runs) > 1:
-        median["runs"] = [{k: r.get(k) for k in ("images_per_second", "steady_images_per_second", "peak_memory_bytes")}
+        median["runs"] = [{k: r.get(k) for k in ("images_per_second", "steady_images_per_second", "peak_memory_bytes",
+                                                 "warm_images_per_second")}
                           for r in runs]
     return median
 
 
 def run_case(case: str, images: str, checkpoint: str, programs: list[tuple[str, str, dict]], work: Path,
-             repeat: int = 1) -> dict:
+             repeat: int = 1, busy_cores: int = 0) -> dict:
     """Every program on one image folder, `repeat` rounds taken in turn (so slow spells of a shared machine fall
     on every program); per program the median run, ratios of segmill to each, mask agreement with the first."""
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in programs}
     for round_ in range(repeat):
         for name, program, options in programs:
             print(f"  {case}: {name} ..." + (f" (round {round_ + 1} of {repeat})" if repeat > 1 else ""), flush=True)
-            runs[name].append(run_program(name, program, images, checkpoint, str(work / case / name), options))
+            runs[name].append(run_program(name, program, images, checkpoint, str(work / case / name), options,
+                                          busy_cores))
     results = [_median_run(runs[name]) for name, _, _ in programs]
     ran = [r for r in results if "failed" not in r]
     if ran:
@@ -165,7 +181,14 @@ def run_case(case: str, images: str, checkpoint: str, programs: list[tuple[str, 
     ratios = {f"{s['name']} / {r['name']}": {"total": s["images_per_second"] / r["images_per_second"],
                                               "steady": s["steady_images_per_second"] / r["steady_images_per_second"]}
               for s in ran if s["program"] == "segmill" for r in ran if r["program"] != "segmill"}
-    return {"case": case, "images": images, "checkpoint": checkpoint, "results": results, "ratios": ratios}
+    for s in ran:  # a later job of the same process: Ray up, model checked (its steady rate is the first job's)
+        if s["program"] == "segmill" and s.get("warm_images_per_second"):
+            warm = sorted(s["warm_images_per_second"])[(len(s["warm_images_per_second"]) - 1) // 2]
+            ratios.update({f"{s['name']} warm job / {r['name']}": {"total": warm / r["images_per_second"],
+                                                                  "steady": None}
+                           for r in ran if r["program"] != "segmill"})
+    return {"case": case, "images": images, "checkpoint": checkpoint, "busy_cores": busy_cores, "results": results,
+            "ratios": ratios}
 
 
 def _save(report: dict, output: str) -> None:
@@ -187,14 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
     options = {"bare_loop": {}, "ray_docs": dict(size=args.size, actors=args.ray_actors, cpus_per_actor=args.ray_cpus,
                                                   batch_size=args.ray_batch),
                "dataloader": dict(threads=args.dl_threads, workers=args.dl_workers, batch_size=args.dl_batch),
-               "segmill": dict(resources=segmill_fields)}
+               "segmill": dict(resources=segmill_fields, jobs=args.segmill_jobs)}
     lineup = [(p, p, options[p]) for p in wanted]
     if "dataloader" in wanted and args.dl_fast_path:
         lineup.insert(wanted.index("dataloader") + 1,
                       ("dataloader[fast path]", "dataloader", {**options["dataloader"], "fast_path": True}))
     if "segmill" in wanted:
         for extra in args.also_segmill:
-            lineup.append((f"segmill[{extra}]", "segmill", dict(resources={**segmill_fields, **_fields([extra])})))
+            lineup.append((f"segmill[{extra}]", "segmill", dict(resources={**segmill_fields, **_fields([extra])},
+                                                                 jobs=args.segmill_jobs)))
     report: dict[str, Any] = {"command": " ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
                               "system": system_info(), "cases": []}
     for arch in [m for m in args.models.split(",") if m]:
@@ -205,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
             native = prepare_folder(args.dataset, work / f"dsb-native-{args.limit}", limit=args.limit, size=None)
             cases.append((f"{arch} @ native sizes", native, [row for row in lineup if row[1] != "ray_docs"]))
         for case, folder, rows in cases:
-            report["cases"].append(run_case(case, folder, checkpoint, rows, work / "runs", args.repeat))
+            report["cases"].append(run_case(case, folder, checkpoint, rows, work / "runs", args.repeat,
+                                           args.busy_cores))
             print_case(report["cases"][-1])
             _save(report, args.output)  # after every case: a long run stopped early keeps what it measured
     for count in [int(c) for c in args.synthetic.split(",") if c]:
@@ -213,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   side=args.synthetic_side)
         checkpoint = make_checkpoint(args.synthetic_model, work / "checkpoints" / f"{args.synthetic_model}.pt")
         case = f"{args.synthetic_model} @ {count} synthetic {args.synthetic_side}x{args.synthetic_side}"
-        report["cases"].append(run_case(case, folder, checkpoint, lineup, work / "runs", args.repeat))
+        report["cases"].append(run_case(case, folder, checkpoint, lineup, work / "runs", args.repeat,
+                                           args.busy_cores))
         print_case(report["cases"][-1])
         _save(report, args.output)
     report["cost_model"] = cost_model(report["cases"])

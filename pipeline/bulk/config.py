@@ -11,7 +11,7 @@ from segmill.models.options import PRECISIONS, FastPath, InferenceOptions
 from segmill.pipeline.common.config import Config
 from segmill.pipeline.common.decode import DEFAULT_MAX_PIXELS
 
-CPU_THREADS_PER_ACTOR = 4  # intra-op threads scale well up to about 4 on conv nets; more actors beyond that
+CPU_THREADS_PER_ACTOR = 4  # CPUs one model actor uses; more actors beyond that (a torch import each)
 # Object-store memory the job's queued blocks may fill, per model actor: decoding outruns the model many times
 # over, and under Ray Data's own limit (half the store) it ran ever further ahead as a job went on.
 QUEUE_MB_PER_CPU_ACTOR = 256
@@ -34,7 +34,11 @@ class ResourceConfig(Config):
     actor_resources: dict[str, float] | None = Field(
         None, description="Custom Ray resources each model actor needs, e.g. {\"gpu_node\": 1}, to place the actors "
                           "on the nodes that have them.")
-    torch_threads: Positive | None = None
+    torch_threads: Positive | None = Field(None, description="Torch threads of each batch a model actor runs "
+                                                             "(default 1 on CPU).")
+    concurrent_batches: Positive | None = Field(
+        None, description="Batches one model actor runs at once, in threads sharing its model (default on CPU: one "
+                          "per CPU thread of the actor; 1 with a GPU).")
     decode_cpus: Annotated[float, Field(gt=0)] = 0.5
     decode_batch_size: Positive = 16
     rows_per_file: Positive = 1000
@@ -61,18 +65,23 @@ class ResourceConfig(Config):
         return value
 
     def resolve(self, cluster: dict[str, float]) -> "ResourceConfig":
-        """Fill the unset numbers from the cluster: one actor per GPU; on CPU, actors of up to 4 torch threads
-        that reserve half as many CPUs, leaving the rest to read, decode and encode (docs/throughput.md says
-        why). Host memory is pinned (for asynchronous copies) only where there is a GPU."""
+        """Fill the unset numbers from the cluster: one actor per GPU; on CPU, actors of up to 4 CPUs that run as
+        many batches at once, each on one torch thread, and reserve half as many CPUs, leaving the rest to read,
+        decode and encode. Single-thread batches never wait for each other, so a core taken by another process
+        slows one batch instead of stalling every thread at each operator's barrier, and the threads share one
+        copy of the model (docs/throughput.md has the measurements). Host memory is pinned (for asynchronous
+        copies) only where there is a GPU."""
         gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
         if self.gpus_per_actor or (self.gpus_per_actor is None and gpus):
             per_actor = self.gpus_per_actor or 1.0
             defaults = dict(batch_size=16, actors_max=max(1, int(gpus / per_actor)), gpus_per_actor=per_actor,
-                            cpus_per_actor=1.0, torch_threads=1)
+                            cpus_per_actor=1.0, torch_threads=1, concurrent_batches=1)
         else:
             threads = min(CPU_THREADS_PER_ACTOR, cpus)
+            torch_threads = min(self.torch_threads or 1, threads)
             defaults = dict(batch_size=4, actors_max=max(1, cpus // threads), gpus_per_actor=0.0,
-                            cpus_per_actor=threads / 2, torch_threads=threads)
+                            cpus_per_actor=threads / 2, torch_threads=torch_threads,
+                            concurrent_batches=max(1, threads // torch_threads))
         values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
         values["pin_memory"] = bool(gpus) if self.pin_memory is None else self.pin_memory
         values["actors_min"] = self.actors_min or 1

@@ -79,7 +79,7 @@ def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listin
                                     labels_expected=config.labels is not None,
                                     gpu_jpeg=resources.gpu_jpeg_decode))
         .map_batches(SegmenterStage, batch_size=resources.batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
+                     compute=_model_actors(resources),
                      num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
                      resources=resources.actor_resources,
                      max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
@@ -101,6 +101,16 @@ def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listin
                                     endpoint_url=config.endpoint_url, row_group_rows=resources.row_group_rows,
                                     export_png=config.export_png, palette=spec.colours()))
     )
+
+
+def _model_actors(resources: ResourceConfig) -> "ray.data.ActorPoolStrategy":
+    """The model actors' pool; an actor that runs several batches at once is a threaded actor whose calls really
+    run together (Ray Data serialises a callable class's calls unless told otherwise)."""
+    import ray
+
+    concurrent = resources.concurrent_batches or 1
+    threads = dict(max_concurrent_calls_per_actor=concurrent, enable_true_multi_threading=True) if concurrent > 1 else {}
+    return ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max, **threads)
 
 
 def _model_process_env(resources: ResourceConfig) -> dict:

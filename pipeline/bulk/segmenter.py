@@ -32,6 +32,8 @@ class Segmenter:
     def __init__(self, checkpoint: bytes, *, use_gpu: bool, torch_threads: int,
                  options: InferenceOptions = InferenceOptions(), fast: FastPath = FastPath(),
                  low_confidence: float = 0.5, keep_host_memory: bool = False):
+        # Per process, and taken up by each thread that later calls the model: with `concurrent_batches` > 1
+        # every one of the actor's calling threads runs its batch on this many threads.
         torch.set_num_threads(max(1, torch_threads))
         self.trim_freed_memory = FreedMemoryTrimmer() if keep_host_memory and keep_freed_memory() else None
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

@@ -17,6 +17,7 @@ import io
 import multiprocessing
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from segmill.models.spec import ModelSpec
@@ -24,6 +25,7 @@ from segmill.pipeline.common import settings
 from segmill.pipeline.common.storage import open_fs, redact
 
 MLFLOW_CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
+_TORCHVISION_TAG = re.compile(r"^[a-z0-9_]+:[A-Z0-9_]+$")  # ARCH:TAG, e.g. fcn_resnet50:COCO_WITH_VOC_LABELS_V1
 _MLFLOW_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -57,6 +59,12 @@ def resolve_model(model: str, *, endpoint_url: str | None = None, tracking_uri: 
     return resolved
 
 
+# Models this process has already proved to load, by a key that names their bytes exactly (`_immutable_key`): a
+# process that runs many small jobs (the improve loop, a notebook, `segmill schedule`) checks each model once.
+_CHECKED: "OrderedDict[tuple, ResolvedModel]" = OrderedDict()
+CHECKED_MODELS_KEPT = 4  # each holds its checkpoint's bytes
+
+
 class ModelCheck:
     """`resolve_model` in a spawned child process; the caller goes on with read-only checks meanwhile.
 
@@ -65,23 +73,61 @@ class ModelCheck:
             model = check.result()   # waits; raises ValueError for a model that cannot be used
 
     Spawned, not forked: the child starts clean (no copy of a driver's threads or Ray connection) with the
-    caller's sys.path, so it imports the same segmill, a Ray job's shipped copy included.
+    caller's sys.path, so it imports the same segmill, a Ray job's shipped copy included. A model this process
+    has checked before, whose bytes cannot have changed since, is not loaded again (`spawned` is then False).
     """
 
     def __init__(self, model: str, *, endpoint_url: str | None = None, tracking_uri: str | None = None):
-        self._pool = multiprocessing.get_context("spawn").Pool(1)
-        self._answer = self._pool.apply_async(resolve_model, (model,),
-                                              dict(endpoint_url=endpoint_url, tracking_uri=tracking_uri))
+        self._key = _immutable_key(model, endpoint_url, tracking_uri)
+        self._cached = _CHECKED.get(self._key) if self._key else None
+        self._pool = self._answer = None
+        if self._cached is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(1)
+            self._answer = self._pool.apply_async(resolve_model, (model,),
+                                                  dict(endpoint_url=endpoint_url, tracking_uri=tracking_uri))
+
+    @property
+    def spawned(self) -> bool:
+        return self._pool is not None
 
     def result(self) -> ResolvedModel:
-        return self._answer.get()
+        if self._cached is not None:
+            _CHECKED.move_to_end(self._key)
+            return self._cached
+        resolved = self._answer.get()
+        if self._key:
+            _CHECKED[self._key] = resolved
+            while len(_CHECKED) > CHECKED_MODELS_KEPT:
+                _CHECKED.popitem(last=False)
+        return resolved
 
     def __enter__(self) -> "ModelCheck":
         return self
 
     def __exit__(self, *_) -> None:
-        self._pool.terminate()  # left early (another check failed): the answer is no longer wanted
-        self._pool.join()
+        if self._pool is not None:
+            self._pool.terminate()  # left early (another check failed): the answer is no longer wanted
+            self._pool.join()
+
+
+def _immutable_key(model: str, endpoint_url: str | None, tracking_uri: str | None) -> tuple | None:
+    """A key that changes whenever the model's bytes may have: a registry version or a torchvision tag as named
+    (neither can change), a checkpoint file by its size and modification time or ETag; None for an alias (it
+    moves) or a file whose details cannot be read (then the model is always checked)."""
+    if model.startswith("models:/"):
+        return ("registry", model, settings.tracking_uri(tracking_uri)) \
+            if _MLFLOW_URI.match(model) and "@" not in model else None
+    if _TORCHVISION_TAG.match(model):
+        return ("torchvision", model)
+    try:
+        fs, path = open_fs(model, endpoint_url=endpoint_url)
+        info = fs.info(path)
+    except Exception:
+        return None
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    if stamp is None or info.get("type") != "file":
+        return None
+    return ("file", model, endpoint_url, info.get("size"), str(stamp))
 
 
 def _from_checkpoint_file(uri: str, endpoint_url: str | None) -> ResolvedModel:

@@ -148,10 +148,15 @@ def test_job_id_is_the_same_in_another_process() -> None:
 def test_resources_on_a_two_core_cpu_machine() -> None:
     resolved = ResourceConfig().resolve({"CPU": 2.0, "memory": 8e9})
     assert resolved.gpus_per_actor == 0.0
-    assert resolved.cpus_per_actor == 1.0 and resolved.torch_threads == 2  # one 2-thread actor (measured best)
+    # One actor running two single-thread batches at once (measured best, quiet and with a core taken).
+    assert (resolved.cpus_per_actor, resolved.torch_threads, resolved.concurrent_batches) == (1.0, 1, 2)
     assert resolved.actors_min == 1 and resolved.actors_max == 1
     big = ResourceConfig().resolve({"CPU": 32.0})
-    assert (big.actors_max, big.torch_threads, big.cpus_per_actor) == (8, 4, 2.0)  # threads capped; more actors
+    assert (big.actors_max, big.torch_threads, big.concurrent_batches, big.cpus_per_actor) == (8, 1, 4, 2.0)
+    # A user's thread count splits the actor's CPUs into fewer, wider batches; an explicit count wins.
+    assert ResourceConfig(torch_threads=2).resolve({"CPU": 2.0}).concurrent_batches == 1
+    assert ResourceConfig(torch_threads=2).resolve({"CPU": 8.0}).concurrent_batches == 2
+    assert ResourceConfig(concurrent_batches=3).resolve({"CPU": 2.0}).concurrent_batches == 3
     assert resolved.batch_size >= 1
     assert (resolved.queue_memory_mb, big.queue_memory_mb) == (256, 8 * 256)  # queued blocks: a budget per actor
 
@@ -161,6 +166,7 @@ def test_resources_on_a_gpu_machine() -> None:
     assert resolved.gpus_per_actor == 1.0 and resolved.actors_max == 2  # one actor per GPU
     assert resolved.queue_memory_mb == 2 * 2048  # a GPU eats blocks faster: a deeper queue keeps it fed
     assert resolved.cpus_per_actor == 1.0 and resolved.batch_size >= 1
+    assert resolved.concurrent_batches == 1  # one batch at a time on a GPU: two would double its memory
 
 
 def test_explicit_resources_win_over_the_cluster() -> None:

@@ -324,6 +324,34 @@ def test_a_queue_budget_smaller_than_one_block_still_finishes(ray_session, tiny_
     assert [(r["status"], r["height"], r["width"]) for r in run.rows.values()] == [("ok", 480, 640)] * 4
 
 
+# Several batches at once in one model actor (ResourceConfig.concurrent_batches, the CPU default)
+
+
+def test_batches_run_at_once_in_one_actor_give_the_rows_of_one_at_a_time(ray_session, scenes_dir: Path,
+                                                                            tiny_checkpoint: str, tmp_path: Path,
+                                                                            results_reader) -> None:
+    """Threads sharing one model must not mix their batches up: one image per batch, four batches at once
+    against one at a time, every mask and statistic equal."""
+    from segmill.pipeline.bulk.config import ResourceConfig
+    from segmill.pipeline.bulk.dataset import _model_actors
+
+    runs = {}
+    for concurrent in (1, 4):
+        resources = ResourceConfig(batch_size=1, concurrent_batches=concurrent, actors_max=1)
+        strategy = _model_actors(resources.resolve({"CPU": 4.0}))
+        assert strategy.max_concurrent_calls_per_actor == (concurrent if concurrent > 1 else None)
+        assert strategy.enable_true_multi_threading == (concurrent > 1)
+        config = SegmentConfig(input=str(scenes_dir / "images"), labels=str(scenes_dir / "labels"),
+                               output=str(tmp_path / f"out-{concurrent}"), model=tiny_checkpoint, resources=resources)
+        runs[concurrent] = _run(config, results_reader).rows
+    assert len(runs[4]) == len(runs[1]) > 4 and runs[4].keys() == runs[1].keys()
+    compared = ("status", "mask", "class_pixels", "confidence_mean", "entropy_mean", "low_confidence_fraction",
+                "intersection_pixels", "union_pixels", "iou")
+    for uri, row in runs[1].items():
+        for column in compared:
+            assert runs[4][uri][column] == row[column], (uri, column)
+
+
 # The model stage alone (no Ray): a mask must not depend on the other images of its batch
 
 

@@ -69,3 +69,37 @@ def test_isolated_resolution_matches_and_keeps_torch_out_of_the_caller(registry:
              "print(sorted(m for m in sys.modules if m == 'torch'))")
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert found.strip() == "[]"
+
+
+def test_a_model_checked_once_is_not_loaded_again_until_its_bytes_may_have_changed(registry: str,
+                                                                                   tiny_checkpoint: str,
+                                                                                   tmp_path: Path) -> None:
+    """Many small jobs in one process check each model once: a file by size and modification time, a registry
+    version as named; an alias moves, so it is checked every time."""
+    import os
+    import shutil
+
+    def check(uri: str) -> tuple[bool, str]:
+        with ModelCheck(uri) as found:
+            return found.spawned, found.result().version
+
+    copy = tmp_path / "roads.pt"
+    shutil.copy(tiny_checkpoint, copy)
+    first = check(str(copy))
+    assert first[0] and check(str(copy)) == (False, first[1])
+    # New bytes under the same name (another model saved over it): checked again, and its new version seen.
+    from segmill.models.checkpoint import ModelSpec, save_random_checkpoint
+
+    save_random_checkpoint(copy, ModelSpec(arch="unet", classes=("a", "b"), arch_kwargs={"base_channels": 4, "depth": 2}),
+                           seed=3)
+    os.utime(copy, (1, 1))  # a different modification time even on a coarse clock
+    changed = check(str(copy))
+    assert changed[0] and changed[1] != first[1]
+    assert check("models:/roads/1") == (True, "1") and check("models:/roads/1") == (False, "1")
+    assert check("models:/roads@champion")[0] and check("models:/roads@champion")[0]
+    # A bad model is never remembered as checked.
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="is not a usable segmill checkpoint"):
+            check(str(bad))
