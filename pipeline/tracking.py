@@ -187,7 +187,7 @@ def log_mlflow_model(tracking_uri: str, run_id: str, checkpoint: bytes, spec) ->
         os.makedirs(os.path.join(folder, mlflow_model.CHECKPOINT_ARTIFACT))
         with open(os.path.join(folder, mlflow_model.CHECKPOINT_ARTIFACT, "model.pt"), "wb") as f:
             f.write(checkpoint)
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        with _in_run(mlflow, run_id), warnings.catch_warnings():
             # The signature is given, and an input example left out on purpose (it would be an image per version).
             warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
             info = mlflow.pyfunc.log_model(
@@ -195,6 +195,17 @@ def log_mlflow_model(tracking_uri: str, run_id: str, checkpoint: bytes, spec) ->
                 artifacts={mlflow_model.CHECKPOINT_ARTIFACT: os.path.join(folder, mlflow_model.CHECKPOINT_ARTIFACT)},
                 pip_requirements=_requirements(), metadata={"segmill.arch": spec.arch, "segmill.classes": list(spec.classes)})
     return info.model_uri
+
+
+def _in_run(mlflow, run_id: str):
+    """The fluent API inside run `run_id`, whatever run the caller has open: theirs stays open and active after
+    (a run of another id is resumed nested, so that ending it pops only it; their own run is used as it is)."""
+    import contextlib
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        return contextlib.nullcontext(active)
+    return mlflow.start_run(run_id=run_id, nested=active is not None)
 
 
 def _requirements() -> list[str]:

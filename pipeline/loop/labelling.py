@@ -259,6 +259,9 @@ def _labelmap(text: bytes, export: str, classes: ClassFile) -> dict[int, int]:
         mapping[key] = index
     if not mapping:
         raise ValueError(f"CVAT labelmap.txt of {redact(export)} names no label; nothing was imported.")
+    # CVAT paints pixels no label covers black when its label map has no `background` line (a hand-edited map, or
+    # a task created without one): black is then unlabelled, unless a label has it.
+    mapping.setdefault(0, classes.ignore_index)
     return mapping
 
 

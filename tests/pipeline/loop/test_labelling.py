@@ -166,3 +166,21 @@ def test_a_black_class_leaves_background_another_colour(tmp_path: Path):
     assert "background:1,1,1::" in lines and "road:0,0,0::" in lines
     done = import_cvat(str(tmp_path / "batch" / "cvat" / "prelabels.zip"), black, str(tmp_path / "labels"))
     assert done.labels == 3 and done.classes_seen["road"] > 0
+
+
+def test_a_label_map_without_background_leaves_black_pixels_unlabelled(tmp_path: Path):
+    """CVAT paints pixels no label covers black; a label map without a `background` line (hand-edited, or a task
+    made without one) must still import them as unlabelled, not stop at an 'unknown colour'. A black class keeps
+    black for itself."""
+    from segmill.pipeline.loop.labelling import _labelmap
+
+    index = np.array([[0, 1, 2], [1, 1, 0]], np.uint8)
+    rgb = colourise(index, CLASSES.palette)
+    rgb[0, 0] = rgb[1, 2] = (0, 0, 0)
+    without = "\n".join(line for line in LABELMAP.splitlines() if not line.startswith("background")) + "\n"
+    assert "background" not in without
+    done = import_cvat(str(_export(tmp_path / "export", without, rgb)), CLASSES, str(tmp_path / "labels"))
+    assert decode_png((tmp_path / "labels" / "frame.png").read_bytes()).tolist() == [[255, 1, 2], [1, 1, 255]]
+    assert done.classes_seen == {"road": 0, "car": 3, "pole": 1}
+    black = ClassFile(("Sky", "Road"), ((0, 0, 0), (128, 64, 128)))
+    assert _labelmap(b"Sky:0,0,0::\nRoad:128,64,128::\n", "export.zip", black)[0] == 0  # Sky, not ignored
