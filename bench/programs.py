@@ -200,8 +200,8 @@ def ray_docs(images: str, checkpoint: str, output: str, *, size: int = 512, acto
 def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | None = None, jobs: int = 1,
                 **_: Any) -> dict[str, Any]:
     """segmill's bulk job with the given ResourceConfig fields (defaults if none), step by step through its public
-    seams, so that Ray Data's per-stage stats can be read from the very dataset the job ran. Its time starts
-    before Ray does (the job starts Ray while its model is checked). With `jobs` > 1 the same job runs again in
+    seams, so that Ray Data's per-stage stats can be read from the very dataset the job ran. Its time counts
+    Ray's start (after the model's check, as the job does). With `jobs` > 1 the same job runs again in
     the same process, into other outputs: `warm_seconds` are those later jobs' times, Ray already up and the model
     already checked, as a process running many small jobs (the improve loop) sees them."""
     import ray
@@ -213,7 +213,8 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
 
     config = SegmentConfig(input=images, output=output, model=checkpoint, resources=ResourceConfig(**(resources or {})))
     started = time.perf_counter()
-    plan = job.prepare(config, start_runtime=lambda: ensure_ray(job_resources=config.resources))
+    plan = job.prepare(config)
+    ensure_ray(job_resources=config.resources)
     dataset = build_dataset(config, plan)
     record = job.run(config, plan, dataset)
     seconds = time.perf_counter() - started
@@ -223,7 +224,7 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
     for again in range(1, jobs):
         warm_config = config.replace(output=f"{output}-warm-{again}")
         began = time.perf_counter()
-        warm_plan = job.prepare(warm_config, start_runtime=lambda: ensure_ray(job_resources=config.resources))
+        warm_plan = job.prepare(warm_config)
         job.run(warm_config, warm_plan, build_dataset(warm_config, warm_plan))
         warm.append(time.perf_counter() - began)
     ray.shutdown()

@@ -56,9 +56,12 @@ def segment(config: SegmentConfig, progress: ProgressCallback | None = None) -> 
     lease = JobLease(config.output, config.resolved_job_id(), STAGING, endpoint_url=config.endpoint_url)
     counter = None
     try:
-        plan = prepare(config, lease, start_runtime=lambda: ensure_ray(config.ray_address, config.resources))
+        plan = prepare(config, lease)
         dataset = None
         if plan.pending:
+            # Only now: a job that fails its checks leaves no Ray behind (in a notebook, the user's own ray.init
+            # would then fail), and runs nothing before its model has loaded.
+            ensure_ray(config.ray_address, config.resources)
             refuse_local_paths({"input": config.input, "labels": config.labels, "output": config.output})
             counter = Counter.start(progress, total=plan.pending)
             dataset = build_dataset(config, plan, counter.handle if counter else None)
@@ -95,19 +98,17 @@ def run(config: SegmentConfig, plan: Plan, dataset, *, started: float | None = N
     return record
 
 
-def prepare(config: SegmentConfig, lease: JobLease | None = None, start_runtime=None) -> Plan:
+def prepare(config: SegmentConfig, lease: JobLease | None = None) -> Plan:
     """All the checks that need no compute, and the listing of what is left to do.
 
-    The model loads in a child process (`ModelCheck`) while Ray starts (`start_runtime`, if given) and the
-    output's committed rows are read (a resumed job of millions of rows reads for a while). Nothing is written,
-    and no task or actor runs, before the model has proved to load: a cluster that has started runs no work.
+    The model loads in a child process (`ModelCheck`; not again for a model this process has checked) while the
+    output's committed rows are read (a resumed job of millions of rows reads for a while); nothing is written,
+    and Ray is not started, before the model has proved to load.
     """
     job_id = config.resolved_job_id()
     if config.labels and is_manifest(config.input):
         raise ValueError(f"Labels come from the manifest's label_uri column; drop --labels {redact(config.labels)}.")
     with ModelCheck(config.model, endpoint_url=config.endpoint_url, tracking_uri=config.tracking_uri) as check:
-        if start_runtime is not None:
-            start_runtime()
         committed = _committed_by_this_job(config, job_id)
         done_keys = committed_keys(config.output, config.endpoint_url)
         model = check.result()
