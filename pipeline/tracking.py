@@ -158,7 +158,8 @@ def decide(comparison: Comparison | None, champion_version: str | None, *, margi
         return Decision(False, "the champion predicts other classes, so the two cannot be compared",
                         champion_version, None)
     c = comparison
-    interval = f"{c.gain:+.4f} mIoU (95% interval {c.low:+.4f} to {c.high:+.4f}, {c.images} images)"
+    interval = (f"{c.gain:+.4f} mIoU (95% interval {c.low:+.4f} to {c.high:+.4f}, {c.images} images drawn in runs "
+                f"of {c.block})")
     worst, change = c.worst_class()
     if c.low <= margin:
         return Decision(False, f"{interval} does not clear the margin {margin:g}", champion_version, c.miou_a, c)
@@ -281,6 +282,7 @@ def register_version(tracking_uri: str, name: str, run_id: str, model_uri: str, 
     if gate is not None:
         tags.update({"segmill.gain": f"{gate.gain:.6f}", "segmill.gain_low": f"{gate.low:.6f}",
                      "segmill.gain_high": f"{gate.high:.6f}", "segmill.gate_images": str(gate.images),
+                     "segmill.gate_block": str(gate.block),
                      "segmill.class_change": json.dumps({k: round(v, 6) for k, v in gate.class_change.items()})})
     for key, value in tags.items():
         c.set_model_version_tag(name, version, key, value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmill.models.comparison import paired_bootstrap
+from segmill.models.comparison import block_length, paired_bootstrap, resample_counts
 
 
 def test_two_images_give_three_resamples_whose_gains_are_known() -> None:
@@ -46,3 +46,31 @@ def test_classes_never_seen_are_left_out_and_shapes_must_match() -> None:
     assert set(c.class_change) == {"a"} and c.miou_b == pytest.approx(0.6)
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap([[1]], [[2]], [[1], [1]], [[2], [2]], ("a",))
+
+
+def test_a_block_as_long_as_the_set_draws_every_image_once_so_the_interval_is_the_point() -> None:
+    # Circular blocks of n images starting anywhere are rotations of the whole set: each image drawn exactly once.
+    rng = np.random.default_rng(4)
+    union = rng.integers(50, 100, size=(12, 2))
+    inter_a, inter_b = union // 3, union // 2
+    c = paired_bootstrap(inter_a, union, inter_b, union, ("a", "b"), block=12)
+    assert c.block == 12 and c.low == pytest.approx(c.gain) and c.high == pytest.approx(c.gain)
+    counts = resample_counts(10, 50, 3, np.random.default_rng(0))
+    assert counts.shape == (50, 10) and (counts.sum(1) == 10).all()
+    ones = resample_counts(7, 20, 7, np.random.default_rng(0))
+    assert (ones == 1).all()
+
+
+def test_runs_of_near_identical_frames_widen_the_interval_past_what_independent_draws_claim() -> None:
+    # 60 frames from 6 scenes, 10 consecutive frames each, the gain shared by a scene's frames: there are 6
+    # independent pieces of evidence, not 60. Drawn one frame at a time the loss looks certain (interval below 0);
+    # drawn in blocks (n^(1/3) = 4 frames for 60) the interval admits no loss at all, as 6 scenes should.
+    union = np.full((60, 1), 100)
+    inter_a = np.full((60, 1), 50)
+    scene_gain = np.random.default_rng(3).integers(-20, 21, size=6)
+    inter_b = inter_a + np.repeat(scene_gain, 10)[:, None]
+    one_by_one = paired_bootstrap(inter_a, union, inter_b, union, ("a",), block=1)
+    blocks = paired_bootstrap(inter_a, union, inter_b, union, ("a",))
+    assert blocks.block == block_length(60) == 4
+    assert one_by_one.high < 0 < blocks.high
+    assert blocks.gain == one_by_one.gain and blocks.high - blocks.low > 1.5 * (one_by_one.high - one_by_one.low)

@@ -111,6 +111,7 @@ def test_train_on_s3_tracks_registers_and_promotes_only_when_better(ray_session,
     assert tags["segmill.decision"] == "challenger" and float(tags["segmill.champion_miou"]) == pytest.approx(
         second.champion_miou, abs=1e-6)
     assert float(tags["segmill.gain_low"]) <= float(tags["segmill.gain"]) <= float(tags["segmill.gain_high"])
+    assert int(tags["segmill.gate_block"]) >= 1
     assert set(json.loads(tags["segmill.class_change"])) <= set(SCENE_CLASSES)
     evaluation = latest_evaluation(mlflow_server, "scenes-s3")  # the champion, re-scored on the same val set
     assert evaluation.dataset == run.data.tags["segmill.val_fingerprint"]
