@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {gate}: {borne} of its {len(chosen)} promotions also gain on the held-out images")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "models": {k: _miou(*v) for k, v in models.items()}, "rows": rows}, indent=2))
+                                         "models": {k: _miou(*v) for k, v in models.items()}, "rows": rows,
+                                         "classes": list(classes),  # per-image counts, to gate them again later
+                                         "counts": {k: [x.tolist() for x in v] for k, v in models.items()}}))
 
 
 if __name__ == "__main__":
