@@ -63,6 +63,9 @@ class TrainConfig(Config):
     precision: str = Field("auto", description="Autocast precision of the forward pass: auto (bf16 where the "
                                                "hardware computes it natively), fp32 or bf16.")
     channels_last: bool = Field(True, description="Train in the channels-last memory format.")
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Validate, keep and register an exponential moving average of the weights and batch-norm "
+                         "statistics with this decay (warmed up over the first steps); 0: the trained weights.")
     ohem_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="Only this share of the hardest labelled pixels counts in the loss.")
     class_weighting: str = Field("none", description=f"Loss weight per class: one of {', '.join(CLASS_WEIGHTINGS)}, "

@@ -100,6 +100,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
         val_pairs=list(zip(val_usable["image_uri"].to_pylist(), val_usable["label_uri"].to_pylist())),
         val_every=config.val_every, tracking_uri=tracking_uri, run_id=run_id, endpoint_url=config.endpoint_url,
         backbone_weights=config.backbone_weights, init_checkpoint=init, freeze_backbone=config.freeze_backbone,
+        ema_decay=config.ema_decay,
         progress=counter.handle if counter else None)
     storage_filesystem, storage_path = _storage(config)
     trainer = TorchTrainer(

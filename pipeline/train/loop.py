@@ -32,7 +32,7 @@ from segmill.pipeline.train.sampling import class_stats, epoch_plan
 from segmill.pipeline.train.validate import confusion_on_pairs, epoch_metrics
 
 log = logging.getLogger(__name__)
-MODEL_FILE, BEST_FILE, STATE_FILE = "model.pt", "best_model.pt", "train_state.pt"
+MODEL_FILE, BEST_FILE, STATE_FILE, EMA_FILE = "model.pt", "best_model.pt", "train_state.pt", "ema_state.pt"
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class LoopConfig:
     backbone_weights: str | None = None
     init_checkpoint: bytes | None = None
     freeze_backbone: bool = False
+    ema_decay: float = 0.0  # 0: validate and keep the trained weights themselves
     progress: Any = None  # a progress counter's actor handle (common/progress.py), fed by rank 0
 
 
@@ -121,11 +122,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                optimizer=loop.optimizer, momentum=loop.momentum,
                                                weight_decay=loop.weight_decay)
     best = _Best()
-    start_epoch = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, best)
-
     memory_format = torch.channels_last if loop.channels_last else torch.contiguous_format
-    model = ray.train.torch.prepare_model(model.to(memory_format=memory_format))
+    model = model.to(memory_format=memory_format)
+    ema = _ema(model, loop.ema_decay)
+    start_epoch = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, best, ema)
+
+    model = ray.train.torch.prepare_model(model)
     plain = model.module if hasattr(model, "module") else model
+    if ema is not None:
+        ema.to(next(plain.parameters()).device)
+    scored = plain if ema is None else ema.module  # what is validated, kept as best and saved
     device = ray.train.torch.get_device()
     dtype = autocast_dtype(loop.precision, device)
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
@@ -156,6 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             masks = batch["mask"].long()
             value = train_step(model, images, masks, optimizer, scheduler, ignore_index=spec.ignore_index,
                                ohem_fraction=loop.ohem_fraction, class_weights=weights, autocast_dtype=dtype)
+            if ema is not None:
+                ema.update_parameters(plain)
             seen.add(value, masks, batch["valid"], hard, spec.ignore_index)
             progress.add(counter, {}, {
                 "step": epoch * steps + seen.batches, "epoch": epoch, "loss": value, "lr": optimizer.param_groups[-1]["lr"],
@@ -164,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if (epoch + 1) % loop.val_every and epoch + 1 < loop.epochs:
             _report_unvalidated(seen, spec, epoch, train_seconds, optimizer, best, tracker, world)
             continue
-        confusion, val_skipped = confusion_on_pairs(plain, spec, val_pairs, device=device,
+        confusion, val_skipped = confusion_on_pairs(scored, spec, val_pairs, device=device,
                                                     endpoint_url=loop.endpoint_url)
         totals = seen.totals(val_skipped)
         if world > 1:
@@ -176,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         figures = {"epoch": epoch, **seen.figures(totals, spec.classes, train_seconds),
                    "epoch_seconds": time.time() - started, "lr": optimizer.param_groups[-1]["lr"],
                    **epoch_metrics(metrics, spec.classes)}
-        improved = best.update(figures, metrics, plain, spec, epoch) if rank == 0 else False
+        improved = best.update(figures, metrics, scored, spec, epoch) if rank == 0 else False
         progress.add(counter, {}, {"val_miou": figures["val_miou"], "val_epoch": epoch})
         reported = {**figures, "confusion": metrics.confusion.tolist(), "best": best.summary()}
         if rank == 0:
@@ -185,6 +193,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(os.path.join(folder, MODEL_FILE), plain, spec)
                 with open(os.path.join(folder, BEST_FILE), "wb") as f:
                     f.write(best.weights)
+                if ema is not None:
+                    torch.save(ema.state_dict(), os.path.join(folder, EMA_FILE))
                 torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "best": best.summary(), "improved": improved}, os.path.join(folder, STATE_FILE))
                 ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -263,7 +273,35 @@ class _Best:
         self.confusion, self.weights = summary["confusion"], weights
 
 
-def _restore(checkpoint, model, optimizer, scheduler, best: _Best) -> int:
+def _ema(model: torch.nn.Module, decay: float):
+    """An exponential moving average of the weights and of the batch-norm statistics (torch's AveragedModel), or
+    None. With batches of 8 crops the running statistics follow the last few batches, so the trained weights
+    validate a few points up or down from one epoch to the next; the average does not."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    return AveragedModel(model, multi_avg_fn=ema_update(decay), use_buffers=True)
+
+
+def ema_update(decay: float):
+    """AveragedModel's update with the decay warmed up, min(decay, (1 + n) / (10 + n)) after n updates (as timm's
+    ModelEma): a short run (the demo trains about 150 steps) would otherwise still hold much of its first weights."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # batch-norm's step counters: the latest
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+
+    return update
+
+
+def _restore(checkpoint, model, optimizer, scheduler, best: _Best, ema=None) -> int:
     """Load the latest reported checkpoint (a replaced worker, or --resume); returns the epoch to start at."""
     if checkpoint is None:
         return 0
@@ -273,7 +311,13 @@ def _restore(checkpoint, model, optimizer, scheduler, best: _Best) -> int:
         state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
         with open(os.path.join(folder, BEST_FILE), "rb") as f:
             best.restore(state["best"], f.read())
+        averaged = os.path.join(folder, EMA_FILE)
+        ema_state = torch.load(averaged, weights_only=True) if ema is not None and os.path.exists(averaged) else None
     model.load_state_dict(saved.state_dict())
+    if ema_state is not None:
+        ema.load_state_dict(ema_state)
+    elif ema is not None:  # a checkpoint from before the average: it starts again from these weights
+        ema.n_averaged.zero_()
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     log.info("resuming after epoch %d from %s", state["epoch"], checkpoint.path)

@@ -240,3 +240,28 @@ def test_hard_class_options_reach_the_workers_and_the_best_epoch_is_the_model(ra
     history = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "val_miou")}
     assert outcome.val_miou == pytest.approx(max(history.values())) and history[outcome.best_epoch] == outcome.val_miou
     assert metrics["best_epoch"] == outcome.best_epoch
+
+
+def test_the_weight_average_is_what_is_validated_and_registered(ray_session, train_scenes, tmp_path):
+    """With --ema-decay the run's model is the moving average (weights and batch-norm statistics), kept in the
+    checkpoint beside the trained weights (which training resumes from), updated once per step."""
+    import torch
+
+    from segmill.models.checkpoint import load_checkpoint
+    from segmill.pipeline.train.loop import EMA_FILE, MODEL_FILE, steps_per_epoch
+
+    config = TrainConfig(images=str(train_scenes / "images"), labels=str(train_scenes / "labels"),
+                         classes=str(train_scenes / "classes.yaml"), epochs=2, val_every=2, ema_decay=0.9,
+                         storage_path=str(tmp_path / "train"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                         overlays=0, **TINY)
+    outcome = train(config)
+    assert outcome.best_epoch == 1  # only the last epoch is validated, so the model is the last average
+    folder = Path(outcome.checkpoint_uri)
+    averaged = torch.load(folder / EMA_FILE, weights_only=True)
+    assert int(averaged["n_averaged"]) == 2 * steps_per_epoch(outcome.bootstrap["epoch_images"], TINY["batch_size"], 1)
+    registered = load_checkpoint(outcome.checkpoint_bytes)[0].state_dict()
+    trained = load_checkpoint((folder / MODEL_FILE).read_bytes())[0].state_dict()
+    assert set(registered) == {k.removeprefix("module.") for k in averaged if k.startswith("module.")}
+    assert all(torch.equal(registered[k], averaged[f"module.{k}"]) for k in registered)
+    floats = [k for k, v in registered.items() if v.is_floating_point()]
+    assert any(not torch.equal(registered[k], trained[k]) for k in floats), "the average is not the trained weights"

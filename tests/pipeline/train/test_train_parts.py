@@ -163,3 +163,32 @@ def test_training_on_no_usable_pair_fails_before_training_and_registers_nothing(
         train(config)
     assert time.time() - started < 30, "before any worker starts"
     assert mlflow.MlflowClient(tracking_uri=tracking).search_registered_models() == []
+
+
+def test_the_weight_average_warms_its_decay_up_and_averages_batch_norm_statistics():
+    """AveragedModel with segmill's update, against the recurrence by hand: the first update copies, the n-th
+    (n = 1, 2, ...) moves the average by 1 - min(decay, (1 + n) / (10 + n)) towards the weights."""
+    import torch
+
+    from segmill.pipeline.train.loop import _ema
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1))
+    ema = _ema(model, 0.5)
+    expected_w, expected_mean = None, None
+    for n, value in enumerate([1.0, 3.0, 7.0, 15.0]):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+            model[1].running_mean.fill_(-value)
+        model[1].num_batches_tracked.fill_(n + 1)
+        ema.update_parameters(model)
+        if n == 0:
+            expected_w, expected_mean = value, -value
+        else:
+            step = 1 - min(0.5, (1 + n) / (10 + n))  # 9/11, 9/12, 9/13: warming up (0.5 rules from n = 8)
+            expected_w += step * (value - expected_w)
+            expected_mean += step * (-value - expected_mean)
+    assert ema.module[0].weight.item() == pytest.approx(expected_w)
+    assert ema.module[1].running_mean.item() == pytest.approx(expected_mean)
+    assert ema.module[1].num_batches_tracked.item() == 4  # counters are copied, not averaged
+    assert int(ema.n_averaged) == 4 and model[0].weight.item() == 15.0, "the trained weights are left alone"
+    assert _ema(model, 0.0) is None
