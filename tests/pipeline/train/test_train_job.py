@@ -165,7 +165,7 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_checkpoint(ra
     storage = tmp_path / "train"
     config = TrainConfig(images=str(train_scenes / "images"), labels=str(train_scenes / "labels"),
                          classes=str(train_scenes / "classes.yaml"), epochs=3, workers=2, max_failures=1,
-                         storage_path=str(storage), tracking_uri=tracking, overlays=0, **TINY)
+                         ema_decay=0.9, storage_path=str(storage), tracking_uri=tracking, overlays=0, **TINY)
     killed: list[int] = []
 
     def kill_a_worker() -> None:
@@ -184,6 +184,14 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_checkpoint(ra
     steps = _steps(tracking, outcome.run_id, "loss")
     assert steps.count(0) == 1, f"epoch 0 ran again: {steps}"  # restarted from the checkpoint, not from scratch
     assert sorted(set(steps)) == [0, 1, 2]
+    # The weight average came back with the checkpoint: it counts every step of the three epochs, not only those
+    # after the restart.
+    import torch
+
+    from segmill.pipeline.train.loop import EMA_FILE, steps_per_epoch
+
+    averaged = torch.load(Path(outcome.checkpoint_uri) / EMA_FILE, weights_only=True)
+    assert int(averaged["n_averaged"]) == 3 * steps_per_epoch(outcome.bootstrap["epoch_images"], TINY["batch_size"], 2)
 
 
 def test_resume_continues_a_stopped_run(train_scenes, tmp_path):
@@ -191,7 +199,7 @@ def test_resume_continues_a_stopped_run(train_scenes, tmp_path):
     storage = tmp_path / "train"
     args = ["--images", str(train_scenes / "images"), "--labels", str(train_scenes / "labels"),
             "--classes", str(train_scenes / "classes.yaml"), "--arch-kwargs", '{"base_channels": 8, "depth": 2}',
-            "--epochs", "3", "--batch-size", "4", "--crop-size", "64", "--cpus-per-worker", "1",
+            "--epochs", "3", "--batch-size", "4", "--crop-size", "64", "--cpus-per-worker", "1", "--ema-decay", "0.9",
             "--storage", str(storage), "--tracking-uri", tracking, "--run-name", "stopped"]
     driver = subprocess.Popen([SEGMILL, "train", *args], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
