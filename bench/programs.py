@@ -207,6 +207,7 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
     import ray
 
     from segmill.pipeline.bulk import job
+    from segmill.pipeline.bulk import pool as warm_pool
     from segmill.pipeline.bulk.config import ResourceConfig, SegmentConfig
     from segmill.pipeline.bulk.dataset import build_dataset
     from segmill.pipeline.common.runtime import ensure_ray
@@ -220,6 +221,9 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
     seconds = time.perf_counter() - started
     resolved = config.resources.resolve(ray.cluster_resources())
     stages, steady = ray_stage_seconds(dataset), model_window(dataset, "Segmenter")
+    seen = warm_pool.activity(plan.job_id)
+    if seen:  # warm hosts (pool.py): the model stage's tasks only wait on them; the hosts' own window and work
+        steady, stages["ModelHost.segment"] = seen["last"] - seen["first"], seen["seconds"]
     warm = []
     for again in range(1, jobs):
         warm_config = config.replace(output=f"{output}-warm-{again}")

@@ -80,8 +80,8 @@ def cost_model(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ceilings = {}
             for stage, seconds in per_image.items():
                 if seconds > 0:
-                    ceilings[stage] = (actors * concurrent if "Segmenter" in stage else cpus) / seconds
-            model = next((s for s in per_image if "Segmenter" in s), None)
+                    ceilings[stage] = (actors * concurrent if _is_model(stage) else cpus) / seconds
+            model = next((s for s in per_image if _is_model(s)), None)
             row = {"case": case["case"], "name": r["name"], "seconds_per_image": per_image,
                    "model_images_per_second_per_actor": concurrent / per_image[model] if model and per_image[model]
                    else None,
@@ -93,3 +93,8 @@ def cost_model(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                   f" img/s; bound by {row['bound_by']}; ceilings "
                   + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
     return rows
+
+
+def _is_model(stage: str) -> bool:
+    """The model's own stage: Ray Data's model actors, or the warm hosts (the tasks that feed them only wait)."""
+    return "Segmenter" in stage or "ModelHost" in stage

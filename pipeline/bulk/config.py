@@ -56,6 +56,9 @@ class ResourceConfig(Config):
     # Object store of the local cluster the job starts (ignored when joining one); None: sized from the queue
     # (common/runtime.py).
     object_store_mb: Annotated[int, Field(ge=100)] | None = None
+    warm_actors: bool | None = Field(
+        None, description="Keep the model actors alive for the next job of this process (default: on a single-node "
+                          "cluster where they fit; pipeline/bulk/pool.py). False: Ray Data's own actors, per job.")
 
     @field_validator("precision")
     @classmethod

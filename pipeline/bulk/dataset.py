@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from segmill.models.allocator import ONE_ARENA_ENV
+from segmill.pipeline.bulk import pool
 from segmill.pipeline.bulk.config import ResourceConfig, SegmentConfig
 from segmill.pipeline.bulk.stages import (
     SegmenterStage,
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 FINISHING_TASKS_PER_GPU_ACTOR = 4  # encode and commit tasks at once per GPU model actor (one per CPU actor)
 MAX_ACTOR_RESTARTS = 2  # bounded, unlike Ray Data's default of -1: an image that kills its actor must not loop
+# A job of fewer blocks than the warm hosts' slots runs fewer model tasks at once: expected, not the user's to fix.
+warnings.filterwarnings("ignore", category=UserWarning,
+                        message=r"The maximum number of concurrent tasks for 'MapBatches\(segment_on_hosts\)'")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,11 @@ def build_dataset(config: SegmentConfig, plan: Plan, counter: Any = None) -> "ra
     `counter` is a progress counter's handle (common/progress.py) the encoding stage adds its rows to."""
     import ray
 
-    resources = config.resources.resolve(ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    resources = config.resources.resolve(cluster)
+    warm = pool.fits(resources, cluster, nodes=sum(1 for node in ray.nodes() if node.get("Alive")))
+    if not warm:  # Ray Data's own actors need the CPUs an earlier job's warm hosts hold
+        pool.release()
     fs, listing_path = arrow_filesystem(plan.listing_dir, config.endpoint_url)
     # The job's settings go in a copy that its datasets capture, not in the process's context other jobs share.
     context = ray.data.DataContext.get_current().copy()
@@ -53,15 +61,19 @@ def build_dataset(config: SegmentConfig, plan: Plan, counter: Any = None) -> "ra
     # (docs/throughput.md).
     context.use_datasource_v2 = False
     # Ray Data takes the lower of this and its own limit (config.QUEUE_MB_PER_CPU_ACTOR says why).
-    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
-        object_store_memory=resources.queue_memory_mb * 2**20)
+    limits = dict(object_store_memory=resources.queue_memory_mb * 2**20)
+    if warm:  # the warm hosts hold their CPUs and GPUs outside Ray Data: its tasks get the rest
+        limits.update(cpu=cluster.get("CPU", 0) - resources.actors_max * resources.cpus_per_actor,
+                      gpu=cluster.get("GPU", 0) - resources.actors_max * (resources.gpus_per_actor or 0))
+    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(**limits)
     with ray.data.DataContext.current(context), warnings.catch_warnings():
         # Ray 2.60 deprecates ray_remote_args but names no parameter for the actors' bounded restarts: kept.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-        return _stages(config, plan, resources, ray.data.read_parquet(listing_path, filesystem=fs), counter)
+        return _stages(config, plan, resources, ray.data.read_parquet(listing_path, filesystem=fs), counter, warm)
 
 
-def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listing: "ray.data.Dataset", counter: Any):
+def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listing: "ray.data.Dataset", counter: Any,
+            warm: bool = False):
     import ray
 
     spec = plan.model.spec
@@ -70,28 +82,37 @@ def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listin
     # each in a worker process Ray started and killed when idle. A GPU actor can outrun one encoder.
     finishing_tasks = ray.data.TaskPoolStrategy(
         size=resources.actors_max * (FINISHING_TASKS_PER_GPU_ACTOR if use_gpu else 1))
+    segmenter = dict(use_gpu=use_gpu, torch_threads=resources.torch_threads,
+                     options=config.inference(resources.batch_size), fast=resources.fast_path(),
+                     low_confidence=config.low_confidence, keep_host_memory=resources.keep_host_memory)
+    decoded = listing.map_batches(decode_batch, batch_size=resources.decode_batch_size, batch_format="pyarrow",
+                                  num_cpus=resources.decode_cpus,
+                                  fn_kwargs=dict(max_pixels=config.max_pixels, num_classes=spec.num_classes,
+                                                 ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url,
+                                                 labels_expected=config.labels is not None,
+                                                 gpu_jpeg=resources.gpu_jpeg_decode))
+    if warm:
+        hosts = pool.acquire(resources)
+        # One task per batch the hosts can run at once; a task waits on its host and holds no CPU of its own.
+        segmented = decoded.map_batches(
+            pool.segment_on_hosts, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=len(hosts.hosts) * (resources.concurrent_batches or 1)),
+            max_retries=MAX_ACTOR_RESTARTS,
+            fn_kwargs=dict(pool=hosts, key=pool.model_key(plan.model.checkpoint, segmenter),
+                           load=dict(checkpoint_uri=plan.checkpoint_uri, endpoint_url=config.endpoint_url,
+                                     segmenter=segmenter, job_id=plan.job_id)))
+    else:
+        segmented = decoded.map_batches(
+            SegmenterStage, batch_size=resources.batch_size, batch_format="numpy", compute=_model_actors(resources),
+            num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
+            resources=resources.actor_resources, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
+            **_model_process_env(resources),
+            # The checkpoint is read from OUTPUT's staging folder, not carried as a constructor argument: in the
+            # object store it could be lost, and a restarted actor could not be rebuilt.
+            fn_constructor_kwargs=dict(checkpoint_uri=plan.checkpoint_uri, endpoint_url=config.endpoint_url,
+                                       **segmenter))
     return (
-        listing
-        .map_batches(decode_batch, batch_size=resources.decode_batch_size, batch_format="pyarrow",
-                     num_cpus=resources.decode_cpus,
-                     fn_kwargs=dict(max_pixels=config.max_pixels, num_classes=spec.num_classes,
-                                    ignore_index=spec.ignore_index, endpoint_url=config.endpoint_url,
-                                    labels_expected=config.labels is not None,
-                                    gpu_jpeg=resources.gpu_jpeg_decode))
-        .map_batches(SegmenterStage, batch_size=resources.batch_size, batch_format="numpy",
-                     compute=_model_actors(resources),
-                     num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor or None,
-                     resources=resources.actor_resources,
-                     max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
-                     **_model_process_env(resources),
-                     # The checkpoint is read from OUTPUT's staging folder, not carried as a constructor argument:
-                     # in the object store it could be lost, and a restarted actor could not be rebuilt.
-                     fn_constructor_kwargs=dict(checkpoint_uri=plan.checkpoint_uri,
-                                                endpoint_url=config.endpoint_url, use_gpu=use_gpu,
-                                                torch_threads=resources.torch_threads,
-                                                options=config.inference(resources.batch_size),
-                                                fast=resources.fast_path(), low_confidence=config.low_confidence,
-                                                keep_host_memory=resources.keep_host_memory))
+        segmented
         .map_batches(encode_masks, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0.25,
                      compute=finishing_tasks, fn_kwargs=dict(num_classes=spec.num_classes, counter=counter))
         .map_batches(commit_batch, batch_size=resources.rows_per_file, batch_format="numpy", num_cpus=0.5,

@@ -15,6 +15,7 @@ import time
 from segmill.models.allocator import ONE_ARENA_ENV
 from segmill.models.checkpoint import ModelSpec
 from segmill.models.registry import list_models
+from segmill.pipeline.bulk import pool as warm_pool
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.classes import load_class_file
 from segmill.pipeline.common.decode import DecodeError
@@ -71,6 +72,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
                     "on one", summary["hard_share_after"], summary["hard_crops_planned"], config.hard_crop_share)
 
     ensure_ray(config.ray_address)
+    warm_pool.release()  # a bulk job's warm model actors would hold the CPUs or GPUs the workers need
     refuse_local_paths({"images": config.images, "labels": config.labels, "val_images": config.val_images,
                         "val_labels": config.val_labels, "storage": config.storage_path})
     import ray

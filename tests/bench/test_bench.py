@@ -26,7 +26,9 @@ def test_bench_reports_every_program(dsb2018: Path, tmp_path: Path, capsys) -> N
         assert sum(r["cpu_seconds_by_process"].values()) > 0, name
         assert 0 <= r["peak_shared_memory_bytes"] <= r["peak_memory_bytes"], name
         assert max(r["peak_memory_by_quarter_bytes"]) == r["peak_memory_bytes"], name
-    assert any(kind.startswith("ray::MapWorker") for kind in results["segmill"]["cpu_seconds_by_process"])
+    # On one node segmill's model runs in a warm host (pipeline/bulk/pool.py), whose own work is its model stage.
+    assert any(kind.startswith("ray::ModelHost") for kind in results["segmill"]["cpu_seconds_by_process"])
+    assert results["segmill"]["stages"]["ModelHost.segment"] > 0
     # Same weights, same images: the plain fp32 programs give the bare loop's masks pixel for pixel; with
     # BatchNorm folded (segmill's default, the fast-path DataLoader) sums change order, so to rounding.
     for name in ("dataloader", "ray_docs"):

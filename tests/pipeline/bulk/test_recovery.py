@@ -6,7 +6,10 @@ exists, some rows were committed, the rest were lost; recovery must fill in exac
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import ray
 
 from segmill.pipeline.bulk.config import (
     QUEUE_MB_PER_CPU_ACTOR,
@@ -79,10 +82,17 @@ def test_the_model_actor_starts_with_one_malloc_arena(ray_session, scenes_dir: P
         return {node.name: node.ray_remote_args.get("runtime_env", {}).get("env_vars", {})
                 for node in _plan(scenes_dir, tiny_checkpoint, tmp_path, **resources)[1:]}
 
-    kept = env_vars()
+    kept = env_vars(warm_actors=False)
     assert kept.pop("MapBatches(SegmenterStage)") == ONE_ARENA_ENV
     assert not any(kept.values()), kept
-    assert not any(env_vars(keep_host_memory=False).values())
+    assert not any(env_vars(keep_host_memory=False, warm_actors=False).values())
+    # Warm model actors (pool.py) get it in their own process; the stage that hands them batches does not.
+    assert not any(env_vars().values())
+    from segmill.pipeline.bulk import pool
+
+    hosts = pool.acquire(ResourceConfig().resolve(ray.cluster_resources())).hosts
+    assert ray.get(hosts[0].__ray_call__.remote(lambda self: os.environ.get("MALLOC_ARENA_MAX"))) == \
+        ONE_ARENA_ENV["MALLOC_ARENA_MAX"]
 
 
 def test_encode_and_commit_run_as_many_tasks_at_once_as_there_are_model_actors(ray_session, scenes_dir: Path,
@@ -94,9 +104,13 @@ def test_encode_and_commit_run_as_many_tasks_at_once_as_there_are_model_actors(r
         return {node.name: getattr(node.compute, "size", getattr(node.compute, "max_size", None))
                 for node in _plan(scenes_dir, tiny_checkpoint, tmp_path, **resources)[1:]}
 
-    assert most_at_once(actors_min=1, actors_max=3) == {
+    assert most_at_once(actors_min=1, actors_max=3, warm_actors=False) == {
         "MapBatches(decode_batch)": None, "MapBatches(SegmenterStage)": 3, "MapBatches(encode_masks)": 3,
         "MapBatches(commit_batch)": 3}
+    # Warm model actors (pool.py): one model task per batch the hosts run at once.
+    assert most_at_once(actors_max=1, cpus_per_actor=1, concurrent_batches=2) == {
+        "MapBatches(decode_batch)": None, "MapBatches(segment_on_hosts)": 2, "MapBatches(encode_masks)": 1,
+        "MapBatches(commit_batch)": 1}
     # Planned only (nothing runs), so a GPU actor's share can be checked on this CPU machine.
     gpu = most_at_once(actors_max=2, gpus_per_actor=1.0)
     assert gpu["MapBatches(encode_masks)"] == gpu["MapBatches(commit_batch)"] == 2 * FINISHING_TASKS_PER_GPU_ACTOR

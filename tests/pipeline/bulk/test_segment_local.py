@@ -327,17 +327,18 @@ def test_a_queue_budget_smaller_than_one_block_still_finishes(ray_session, tiny_
 # Several batches at once in one model actor (ResourceConfig.concurrent_batches, the CPU default)
 
 
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-actors", "ray-data-actors"])
 def test_batches_run_at_once_in_one_actor_give_the_rows_of_one_at_a_time(ray_session, scenes_dir: Path,
                                                                             tiny_checkpoint: str, tmp_path: Path,
-                                                                            results_reader) -> None:
+                                                                            results_reader, warm: bool) -> None:
     """Threads sharing one model must not mix their batches up: one image per batch, four batches at once
-    against one at a time, every mask and statistic equal."""
+    against one at a time, every mask and statistic equal, in warm actors (pool.py) and in Ray Data's."""
     from segmill.pipeline.bulk.config import ResourceConfig
     from segmill.pipeline.bulk.dataset import _model_actors
 
     runs = {}
     for concurrent in (1, 4):
-        resources = ResourceConfig(batch_size=1, concurrent_batches=concurrent, actors_max=1)
+        resources = ResourceConfig(batch_size=1, concurrent_batches=concurrent, actors_max=1, warm_actors=warm)
         strategy = _model_actors(resources.resolve({"CPU": 4.0}))
         assert strategy.max_concurrent_calls_per_actor == (concurrent if concurrent > 1 else None)
         assert strategy.enable_true_multi_threading == (concurrent > 1)
