@@ -94,13 +94,22 @@ def evaluate_on_scenes(model: torch.nn.Module, spec: ModelSpec, *, count: int) -
     return {"miou": result.mean_iou, **{name: float(v) for name, v in zip(spec.classes, result.iou.tolist())}}
 
 
+def _recipe_digest() -> str:
+    """Names the cached demo model after the code that trains it, so that a changed recipe trains a new one instead
+    of serving a model an older version cached (a state folder outlives upgrades)."""
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(train_demo_model).encode()).hexdigest()[:10]
+
+
 def run_demo(state: Path, images: int, console: Console) -> None:
-    checkpoint = state / "models" / "demo-unet.pt"
+    checkpoint = state / "models" / f"demo-unet-{_recipe_digest()}.pt"
     if not checkpoint.exists():
         console.print("Training the demo U-Net on generated scenes (once; about a minute on 2 cores)...")
         started = time.time()
         metrics = train_demo_model(checkpoint, progress=lambda line: console.print(line, highlight=False))
-        (state / "models" / "demo-unet.metrics.json").write_text(json.dumps(metrics, indent=2))
+        checkpoint.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
         console.print(f"  trained in {time.time() - started:.0f} s; held-out mIoU {metrics['miou']:.3f} (pole "
                       f"{metrics['pole']:.3f}, sign {metrics['sign']:.3f})")
     scenes_dir, results = state / "demo" / "scenes", state / "demo" / "results"
