@@ -23,14 +23,15 @@ from typing import Any
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # ../shared beside the repository
 CAMVID_HARD = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
 SCENES_HARD = ("pole", "sign")
+UNWEIGHTED = {"class_weighting": "none"}  # the training default weighs classes (inverse sqrt); the baseline does not
 METHODS: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "presence": {"sampling": "presence", "bootstrap_factor": 2},  # DeepLabv3's bootstrapping
-    "pixel_mass": {"sampling": "pixel_mass", "bootstrap_factor": 2},
-    "hard_crops": {"sampling": "none", "hard_crop_share": 0.5},
+    "baseline": UNWEIGHTED,
+    "presence": {"sampling": "presence", "bootstrap_factor": 2, **UNWEIGHTED},  # DeepLabv3's bootstrapping
+    "pixel_mass": {"sampling": "pixel_mass", "bootstrap_factor": 2, **UNWEIGHTED},
+    "hard_crops": {"sampling": "none", "hard_crop_share": 0.5, **UNWEIGHTED},
     "median_frequency": {"class_weighting": "median_frequency"},
-    "inverse_sqrt": {"class_weighting": "inverse_sqrt_frequency"},
-    "ohem": {"ohem_fraction": 0.25},
+    "inverse_sqrt": {"class_weighting": "inverse_sqrt_frequency"},  # the default recipe
+    "ohem": {"ohem_fraction": 0.25, **UNWEIGHTED},
     "crops+inverse_sqrt": {"sampling": "none", "hard_crop_share": 0.5, "class_weighting": "inverse_sqrt_frequency"},
 }
 HARD_METHODS = {"presence", "pixel_mass", "hard_crops", "crops+inverse_sqrt"}  # the ones that need hard classes

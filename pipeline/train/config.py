@@ -68,8 +68,11 @@ class TrainConfig(Config):
                          "statistics with this decay (warmed up over the first steps); 0: the trained weights.")
     ohem_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="Only this share of the hardest labelled pixels counts in the loss.")
-    class_weighting: str = Field("none", description=f"Loss weight per class: one of {', '.join(CLASS_WEIGHTINGS)}, "
-                                                      "from the class index's pixel counts.")
+    # Inverse-sqrt weights by default: on CamVid they took the recipe from 0.382 to 0.417 mIoU over two seeds and
+    # taught three of the four thin classes (docs/retraining.md); "none" is the plain cross-entropy.
+    class_weighting: str = Field("inverse_sqrt_frequency",
+                                 description=f"Loss weight per class: one of {', '.join(CLASS_WEIGHTINGS)}, from the "
+                                             "class index's pixel counts.")
     seed: int = Field(0, description="Seed of the model's initial weights (the data order and augmentation are "
                                      "not seeded).")
     # validation
