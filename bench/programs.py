@@ -7,6 +7,7 @@ programs, task wall time summed over tasks, from Ray Data's stats).
 """
 from __future__ import annotations
 
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -227,10 +228,14 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
     warm = []
     for again in range(1, jobs):
         warm_config = config.replace(output=f"{output}-warm-{again}")
+        shutil.rmtree(warm_config.output, ignore_errors=True)  # a left-over output would resume: nothing to do
         began = time.perf_counter()
         warm_plan = job.prepare(warm_config)
-        job.run(warm_config, warm_plan, build_dataset(warm_config, warm_plan))
+        warm_record = job.run(warm_config, warm_plan, build_dataset(warm_config, warm_plan))
         warm.append(time.perf_counter() - began)
+        if (warm_record.ok_rows, warm_record.processed_this_run) != (record.ok_rows, record.processed_this_run):
+            raise RuntimeError(f"a warm job segmented {warm_record.processed_this_run} images, the first job "
+                               f"{record.processed_this_run}: not the same work")
     ray.shutdown()
     result = {"images": record.ok_rows, "errors": record.error_rows, "seconds": seconds, "steady_seconds": steady,
               "stages": stages,
