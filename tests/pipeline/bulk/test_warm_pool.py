@@ -133,9 +133,7 @@ def test_release_frees_the_hosts_cpus(ray_session) -> None:
     hosts = pool.acquire(resources).hosts
     ray.get([host.ready.remote() for host in hosts])
     assert ray.available_resources().get("CPU", 0) <= ray.cluster_resources()["CPU"] - resources.cpus_per_actor
-    pool.release()
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(hosts[0].ready.remote(), timeout=30)
+    pool.release()  # ray.kill is asynchronous: the freed CPUs are what is waited for
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(0.2)
