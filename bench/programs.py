@@ -202,7 +202,7 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
                 **_: Any) -> dict[str, Any]:
     """segmill's bulk job with the given ResourceConfig fields (defaults if none), step by step through its public
     seams, so that Ray Data's per-stage stats can be read from the very dataset the job ran. Its time counts
-    Ray's start (after the model's check, as the job does). With `jobs` > 1 the same job runs again in
+    Ray's start (beside the model's check, as the job does). With `jobs` > 1 the same job runs again in
     the same process, into other outputs: `warm_seconds` are those later jobs' times, Ray already up and the model
     already checked, as a process running many small jobs (the improve loop) sees them."""
     import ray
@@ -210,14 +210,11 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
     from segmill.pipeline.bulk import job
     from segmill.pipeline.bulk import pool as warm_pool
     from segmill.pipeline.bulk.config import ResourceConfig, SegmentConfig
-    from segmill.pipeline.bulk.dataset import build_dataset
-    from segmill.pipeline.common.runtime import ensure_ray
 
     config = SegmentConfig(input=images, output=output, model=checkpoint, resources=ResourceConfig(**(resources or {})))
     started = time.perf_counter()
-    plan = job.prepare(config)
-    ensure_ray(job_resources=config.resources)
-    dataset = build_dataset(config, plan)
+    begun = job.start(config)  # the checks while Ray and the model hosts start, as `segment` does
+    plan, dataset = begun.plan, begun.dataset
     record = job.run(config, plan, dataset)
     seconds = time.perf_counter() - started
     resolved = config.resources.resolve(ray.cluster_resources())
@@ -230,8 +227,8 @@ def segmill_job(images: str, checkpoint: str, output: str, *, resources: dict | 
         warm_config = config.replace(output=f"{output}-warm-{again}")
         shutil.rmtree(warm_config.output, ignore_errors=True)  # a left-over output would resume: nothing to do
         began = time.perf_counter()
-        warm_plan = job.prepare(warm_config)
-        warm_record = job.run(warm_config, warm_plan, build_dataset(warm_config, warm_plan))
+        warm_begun = job.start(warm_config)
+        warm_record = job.run(warm_config, warm_begun.plan, warm_begun.dataset)
         warm.append(time.perf_counter() - began)
         if (warm_record.ok_rows, warm_record.processed_this_run) != (record.ok_rows, record.processed_this_run):
             raise RuntimeError(f"a warm job segmented {warm_record.processed_this_run} images, the first job "

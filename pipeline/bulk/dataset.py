@@ -48,9 +48,7 @@ def build_dataset(config: SegmentConfig, plan: Plan, counter: Any = None) -> "ra
     `counter` is a progress counter's handle (common/progress.py) the encoding stage adds its rows to."""
     import ray
 
-    cluster = ray.cluster_resources()
-    resources = config.resources.resolve(cluster)
-    warm = pool.fits(resources, cluster, nodes=sum(1 for node in ray.nodes() if node.get("Alive")))
+    cluster, resources, warm = _placement(config)
     if not warm:  # Ray Data's own actors need the CPUs an earlier job's warm hosts hold
         pool.release()
     fs, listing_path = arrow_filesystem(plan.listing_dir, config.endpoint_url)
@@ -70,6 +68,24 @@ def build_dataset(config: SegmentConfig, plan: Plan, counter: Any = None) -> "ra
         # Ray 2.60 deprecates ray_remote_args but names no parameter for the actors' bounded restarts: kept.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
         return _stages(config, plan, resources, ray.data.read_parquet(listing_path, filesystem=fs), counter, warm)
+
+
+def _placement(config: SegmentConfig) -> tuple[dict[str, float], ResourceConfig, bool]:
+    """The cluster's resources, the job's resources resolved against them, and whether warm hosts run the model."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    resources = config.resources.resolve(cluster)
+    return cluster, resources, pool.fits(resources, cluster, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def start_model_hosts(config: SegmentConfig) -> bool:
+    """Start the job's warm model hosts now (Ray must be up), so that their processes start and import torch while
+    the job is still being checked and listed; they load no model before `build_dataset`. Nothing where the job
+    will use Ray Data's actors. True if new hosts were started (not an earlier job's reused)."""
+    _, resources, warm = _placement(config)
+    before = pool.current()
+    return warm and pool.acquire(resources) is not before
 
 
 def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listing: "ray.data.Dataset", counter: Any,
@@ -93,14 +109,15 @@ def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listin
                                                  gpu_jpeg=resources.gpu_jpeg_decode))
     if warm:
         hosts = pool.acquire(resources)
+        key = pool.model_key(plan.model.checkpoint, segmenter)
+        load = dict(checkpoint_uri=plan.checkpoint_uri, endpoint_url=config.endpoint_url, segmenter=segmenter,
+                    job_id=plan.job_id)
+        hosts.preload(key, load)  # the model loads while the first images decode, not after
         # One task per batch the hosts can run at once; a task waits on its host and holds no CPU of its own.
         segmented = decoded.map_batches(
             pool.segment_on_hosts, batch_size=resources.batch_size, batch_format="numpy", num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=len(hosts.hosts) * (resources.concurrent_batches or 1)),
-            max_retries=MAX_ACTOR_RESTARTS,
-            fn_kwargs=dict(pool=hosts, key=pool.model_key(plan.model.checkpoint, segmenter),
-                           load=dict(checkpoint_uri=plan.checkpoint_uri, endpoint_url=config.endpoint_url,
-                                     segmenter=segmenter, job_id=plan.job_id)))
+            max_retries=MAX_ACTOR_RESTARTS, fn_kwargs=dict(pool=hosts, key=key, load=load))
     else:
         segmented = decoded.map_batches(
             SegmenterStage, batch_size=resources.batch_size, batch_format="numpy", compute=_model_actors(resources),

@@ -4,20 +4,23 @@
     segment(SegmentConfig(input="s3://bucket/images/", output="s3://bucket/results/", model="models:/roads@champion"))
 
 Everything that can make the job fail (no images, a model that does not load, an unwritable OUTPUT, OUTPUT
-holding another job) is checked on the driver before any compute starts.
+holding another job) is checked on the driver before anything runs on Ray (which starts meanwhile).
 """
 from __future__ import annotations
 
 import logging
 import time
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from segmill.pipeline.bulk import pool
 from segmill.pipeline.bulk.config import SegmentConfig
-from segmill.pipeline.bulk.dataset import Plan, build_dataset
+from segmill.pipeline.bulk.dataset import Plan, build_dataset, start_model_hosts
 from segmill.pipeline.bulk.lease import JobLease
 from segmill.pipeline.bulk.record import JobRecord, write_job_record
 from segmill.pipeline.bulk.recovery import commit_lost_rows
@@ -38,7 +41,7 @@ from segmill.pipeline.common.listing import (
 )
 from segmill.pipeline.common.model_source import ModelCheck
 from segmill.pipeline.common.progress import Counter, ProgressCallback
-from segmill.pipeline.common.runtime import ensure_ray, refuse_local_paths
+from segmill.pipeline.common.runtime import BackgroundStart, ensure_ray, refuse_local_paths
 from segmill.pipeline.common.storage import check_writable, join_uri, open_fs, redact
 
 log = logging.getLogger(__name__)
@@ -54,22 +57,58 @@ def segment(config: SegmentConfig, progress: ProgressCallback | None = None) -> 
     """
     started = time.time()
     lease = JobLease(config.output, config.resolved_job_id(), STAGING, endpoint_url=config.endpoint_url)
+    begun = None
+    try:
+        begun = start(config, lease, progress)
+        return run(config, begun.plan, begun.dataset, started=started, lease=lease)
+    finally:
+        if begun is not None and begun.counter is not None:
+            begun.counter.stop()
+        lease.release()
+
+
+@dataclass
+class Started:
+    """A job that passed its checks: its plan, and its dataset, not yet run (None when nothing is left to do)."""
+
+    plan: Plan
+    dataset: Any = None
+    counter: Counter | None = None
+
+
+def start(config: SegmentConfig, lease: JobLease | None = None, progress: ProgressCallback | None = None) -> Started:
+    """`prepare` the job while Ray and the warm model hosts start, then build its dataset (`run` runs it).
+
+    Nothing runs on Ray before the model has loaded, and a job that is rejected (or has nothing to do) stops
+    what its start started: in a notebook the user's own ray.init would otherwise fail.
+    """
+    runtime = BackgroundStart(lambda: _start_runtime(config))
     counter = None
     try:
         plan = prepare(config, lease)
-        dataset = None
-        if plan.pending:
-            # Only now: a job that fails its checks leaves no Ray behind (in a notebook, the user's own ray.init
-            # would then fail), and runs nothing before its model has loaded.
-            ensure_ray(config.ray_address, config.resources)
-            refuse_local_paths({"input": config.input, "labels": config.labels, "output": config.output})
-            counter = Counter.start(progress, total=plan.pending)
-            dataset = build_dataset(config, plan, counter.handle if counter else None)
-        return run(config, plan, dataset, started=started, lease=lease)
-    finally:
+        if not plan.pending:
+            runtime.abandon(_release_new_hosts)
+            return Started(plan)
+        runtime.wait()
+        refuse_local_paths({"input": config.input, "labels": config.labels, "output": config.output})
+        counter = Counter.start(progress, total=plan.pending)
+        return Started(plan, build_dataset(config, plan, counter.handle if counter else None), counter)
+    except BaseException:
         if counter is not None:
             counter.stop()
-        lease.release()
+        runtime.abandon(_release_new_hosts)
+        raise
+
+
+def _start_runtime(config: SegmentConfig) -> bool:
+    """Ray, then the job's warm model hosts; True if this started new hosts."""
+    ensure_ray(config.ray_address, config.resources)
+    return start_model_hosts(config)
+
+
+def _release_new_hosts(started_hosts: bool) -> None:
+    if started_hosts:
+        pool.release()
 
 
 def run(config: SegmentConfig, plan: Plan, dataset, *, started: float | None = None,
@@ -103,7 +142,7 @@ def prepare(config: SegmentConfig, lease: JobLease | None = None) -> Plan:
 
     The model loads in a child process (`ModelCheck`; not again for a model this process has checked) while the
     output's committed rows are read (a resumed job of millions of rows reads for a while); nothing is written,
-    and Ray is not started, before the model has proved to load.
+    and nothing runs on Ray (which `segment` starts meanwhile), before the model has proved to load.
     """
     job_id = config.resolved_job_id()
     if config.labels and is_manifest(config.input):

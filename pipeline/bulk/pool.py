@@ -51,7 +51,7 @@ class ModelHost:
     def loaded(self) -> str | None:
         return self._key
 
-    def segment(self, key: str, load: dict[str, Any], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _ensure(self, key: str, load: dict[str, Any]):
         with self._lock:  # concurrent calls share one model; the first call of a new key loads it
             if self._key != key:
                 from segmill.pipeline.bulk.segmenter import Segmenter
@@ -61,7 +61,19 @@ class ModelHost:
                 checkpoint = read_bytes(load["checkpoint_uri"], load["endpoint_url"], what="Model checkpoint")
                 self._segmenter = Segmenter(checkpoint, **load["segmenter"])
                 self._key = key
-            segmenter = self._segmenter
+            return self._segmenter
+
+    def preload(self, key: str, load: dict[str, Any]) -> bool:
+        """Load the job's model ahead of its first batch (while the first images decode); False if it failed, in
+        which case the first batch loads it again and fails with the error as the job's."""
+        try:
+            self._ensure(key, load)
+            return True
+        except Exception:
+            return False
+
+    def segment(self, key: str, load: dict[str, Any], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        segmenter = self._ensure(key, load)
         began = time.time()
         out = segmenter(batch)
         with self._lock:  # per job: first start, last end, batches, busy seconds (bench/ reads them: `activity`)
@@ -84,6 +96,11 @@ class WarmPool:
     shape: tuple
     hosts: list
     tokens: Any = None
+
+    def preload(self, key: str, load: dict[str, Any]) -> None:
+        """Have every host load the model now; not waited for (a host's first batch waits on its lock)."""
+        for host in self.hosts:
+            host.preload.remote(key, load)
 
 
 _pool: WarmPool | None = None
@@ -146,6 +163,11 @@ def acquire(resources: "ResourceConfig") -> WarmPool:
             _pool = WarmPool(session, shape, hosts, tokens)
             log.debug("started %d warm model actors", len(hosts))
         return _pool
+
+
+def current() -> WarmPool | None:
+    """This process's hosts, if it has any."""
+    return _pool
 
 
 def _alive(pool: WarmPool) -> bool:

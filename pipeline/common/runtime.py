@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+import queue
+import signal
+import sys
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
 
 from segmill.pipeline.common import settings
 from segmill.pipeline.common.storage import first_line, protocol_of, redact
@@ -126,3 +131,74 @@ def refuse_local_paths(paths: dict[str, str | None]) -> None:
             raise ValueError(f"The Ray cluster has {nodes} nodes, so {what} {redact(uri)} (a path on this machine) "
                              "cannot be reached from all of them; put it on shared storage (s3://... or another "
                              "fsspec URI).")
+
+
+_starter: queue.SimpleQueue | None = None
+_starter_lock = threading.Lock()
+
+
+def _on_starter_thread(start: Callable[[], Any]) -> Future:
+    """Run `start` on this process's one starter thread, which never ends: Ray's fate sharing (PR_SET_PDEATHSIG)
+    kills the processes a local ray.init starts when the *thread* that started them ends, not the process."""
+    global _starter
+    with _starter_lock:
+        if _starter is None:
+            _starter = queue.SimpleQueue()
+            threading.Thread(target=_serve_starts, args=(_starter,), name="segmill-ray-start", daemon=True).start()
+    future: Future = Future()
+    _starter.put((start, future))
+    return future
+
+
+def _serve_starts(starts: queue.SimpleQueue) -> None:
+    while True:
+        start, future = starts.get()
+        try:
+            future.set_result(start())
+        except BaseException as error:  # handed to the caller's thread by BackgroundStart.wait
+            future.set_exception(error)
+
+
+class BackgroundStart:
+    """Ray started on another thread while a job's checks run on the caller's (the model's load in its child
+    process, the listing: together as long as Ray's start, docs/throughput.md), and stopped again if they fail.
+
+        start = BackgroundStart(lambda: ensure_ray(address))
+        try:
+            ...checks...
+            start.wait()     # raises what the start raised (a Ray that cannot start is one sentence)
+        except BaseException:
+            start.abandon()  # a rejected job leaves no Ray of its own behind (the user's ray.init would fail)
+            raise
+
+    `start` returns what `wait` returns; `abandon(undo)` calls `undo` with it before Ray is stopped.
+    """
+
+    def __init__(self, start: Callable[[], Any]):
+        ray = sys.modules.get("ray")  # not imported here just to ask: the starter thread imports it
+        self._ours = not (ray is not None and ray.is_initialized())
+        if self._ours and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # What ray.init does on the main thread, and cannot from another: SIGTERM exits through atexit,
+            # which stops the Ray processes this one started.
+            signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(signum))
+        self._future = _on_starter_thread(start)
+
+    def wait(self) -> Any:
+        return self._future.result()
+
+    def abandon(self, undo: Callable[[Any], None] | None = None) -> None:
+        """Wait for the start to end, undo it (`undo(result)`), and stop the Ray it started, if it started one."""
+        try:
+            result = self._future.result()
+        except BaseException:  # the job's own error is the one to report
+            result, undo = None, None
+        try:
+            if undo is not None:
+                undo(result)
+            import ray
+
+            if self._ours and ray.is_initialized():
+                ray.shutdown()
+        except Exception as error:  # as above
+            log.debug("stopping the Ray this job started failed: %s", error)

@@ -143,14 +143,55 @@ def _one_sentence_naming(message: str, name: str) -> None:
 
 @pytest.fixture
 def no_compute(monkeypatch):
-    """Make starting Ray (the first step of compute) fail the test."""
+    """Make building the job's dataset (the first work on Ray) fail the test. Ray's start beside the checks is
+    left out here (this process's Ray is the suite's); `test_a_rejected_job_stops_the_ray_it_started` runs it."""
     import segmill.pipeline.bulk.job as job
 
     def refuse(*args, **kwargs):
         raise AssertionError("compute started for a job that should have failed before it")
 
-    monkeypatch.setattr(job, "ensure_ray", refuse)
+    monkeypatch.setattr(job, "_start_runtime", lambda config: False)
     monkeypatch.setattr(job, "build_dataset", refuse)
+
+
+REJECTED_CHILD = """
+import json, logging, sys
+import psutil, ray
+from segmill.pipeline import SegmentConfig, segment
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+try:
+    segment(SegmentConfig(input=sys.argv[1], output=sys.argv[2], model=sys.argv[3]))
+except ValueError as error:
+    def ray_process(process):
+        try:
+            return "ray" in " ".join(process.cmdline())
+        except psutil.Error:  # gone (or a zombie) already
+            return False
+    ours = [p for p in psutil.Process().children(recursive=True) if ray_process(p)]
+    left = psutil.wait_procs(ours, timeout=30)[1]  # Ray's processes (the raylet, GCS, its Python helpers)
+    ray.init(num_cpus=1, include_dashboard=False)  # what the user's own ray.init would meet
+    print(json.dumps({"error": str(error), "left": [p.name() for p in left]}))
+    ray.shutdown()
+"""
+
+
+def test_a_rejected_job_stops_the_ray_it_started(scenes_dir: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # A process of its own, without the suite's Ray: the job starts Ray while its model is checked, then stops it.
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", REJECTED_CHILD, str(scenes_dir / "images"), str(tmp_path / "out"),
+                           str(tmp_path / "model.pt")], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ray resources" in done.stderr  # Ray did start beside the check (else this test shows nothing)
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "model.pt" in answer["error"] and "checkpoint" in answer["error"]
+    assert not answer["left"], answer["left"]
+    assert not (tmp_path / "out").exists()
 
 
 def _fails(config: SegmentConfig, *phrases: str) -> str:
