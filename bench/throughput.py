@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DSB = ROOT.parent / "shared" / "datasets" / "dsb2018" / "images"  # ../shared beside the repository
 DEFAULT_MODELS = "deeplabv3_mobilenet_v3_large,lraspp_mobilenet_v3_large"
 ALL_PROGRAMS = "bare_loop,dataloader,ray_docs,segmill"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="../shared/datasets/dsb2018/images", help="folder of real images")
+    p.add_argument("--dataset", default=str(SHARED_DSB), help="folder of real images")
     p.add_argument("--models", default=DEFAULT_MODELS, help="registry names, comma-separated")
     p.add_argument("--size", type=int, default=512, help="side the images are resized to for the common comparison")
     p.add_argument("--limit", type=int, default=200, help="images taken from --dataset (0: all)")
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.report import cost_model, print_case, system_info
 
     work = Path(args.workdir)
+    if (args.models or args.synthetic) and not Path(args.dataset).is_dir():
+        sys.exit(f"bench: --dataset {args.dataset} is not a folder (DSB2018's images are in "
+                 "shared/datasets/dsb2018/images beside the repository).")
     wanted = [p for p in args.programs.split(",") if p]
     segmill_fields = _fields(args.segmill)
     options = {"bare_loop": {}, "ray_docs": dict(size=args.size, actors=args.ray_actors, cpus_per_actor=args.ray_cpus,

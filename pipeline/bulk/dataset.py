@@ -85,7 +85,7 @@ def start_model_hosts(config: SegmentConfig) -> bool:
     will use Ray Data's actors. True if new hosts were started (not an earlier job's reused)."""
     _, resources, warm = _placement(config)
     before = pool.current()
-    return warm and pool.acquire(resources) is not before
+    return warm and pool.acquire(resources, use=False) is not before
 
 
 def _stages(config: SegmentConfig, plan: Plan, resources: ResourceConfig, listing: "ray.data.Dataset", counter: Any,

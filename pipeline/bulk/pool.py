@@ -38,7 +38,12 @@ class ModelHost:
     starts empty and loads on its next call."""
 
     def __init__(self) -> None:
-        import torch  # noqa: F401  (the import is what a warm host saves the next job)
+        # The imports (torch, torchvision, the models: 3-4 s) are what a warm host saves the next job; a new host
+        # does them while its first job is still checked and listed, not after.
+        import segmill.pipeline.bulk.segmenter  # noqa: F401
+        from segmill.models.registry import list_models
+
+        list_models()  # imports the built-in model families, torchvision with them
 
         self._lock = threading.Lock()
         self._key: str | None = None
@@ -96,6 +101,7 @@ class WarmPool:
     shape: tuple
     hosts: list
     tokens: Any = None
+    used: bool = False  # a job has run on them: before the next, they are asked whether they are alive
 
     def preload(self, key: str, load: dict[str, Any]) -> None:
         """Have every host load the model now; not waited for (a host's first batch waits on its lock)."""
@@ -133,14 +139,16 @@ def fits(resources: "ResourceConfig", cluster: dict[str, float], nodes: int) -> 
     return cpus_left >= resources.decode_cpus and gpus_left >= 0 and custom
 
 
-def acquire(resources: "ResourceConfig") -> WarmPool:
-    """This process's hosts for `resources`, started if there are none, none alive, or of another shape."""
+def acquire(resources: "ResourceConfig", *, use: bool = True) -> WarmPool:
+    """This process's hosts for `resources`, started if there are none, none alive, or of another shape; `use`
+    False starts them ahead of a job (dataset.start_model_hosts), and the job's own call does not wait for them."""
     import ray
 
     global _pool
     with _pool_lock:
         session, shape = _session(), _shape(resources)
-        if _pool is not None and (_pool.session != session or _pool.shape != shape or not _alive(_pool)):
+        if _pool is not None and (_pool.session != session or _pool.shape != shape
+                                  or (_pool.used and not _alive(_pool))):
             _shutdown(_pool)
             _pool = None
         if _pool is None:
@@ -162,6 +170,7 @@ def acquire(resources: "ResourceConfig") -> WarmPool:
                         tokens.put(index)
             _pool = WarmPool(session, shape, hosts, tokens)
             log.debug("started %d warm model actors", len(hosts))
+        _pool.used = _pool.used or use
         return _pool
 
 

@@ -175,8 +175,10 @@ class BackgroundStart:
     """
 
     def __init__(self, start: Callable[[], Any]):
-        ray = sys.modules.get("ray")  # not imported here just to ask: the starter thread imports it
-        self._ours = not (ray is not None and ray.is_initialized())
+        # Not imported here just to ask (the starter thread imports it); one being imported by another thread
+        # has no is_initialized yet, and no Ray either.
+        initialized = getattr(sys.modules.get("ray"), "is_initialized", None)
+        self._ours = not (initialized is not None and initialized())
         if self._ours and threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             # What ray.init does on the main thread, and cannot from another: SIGTERM exits through atexit,
