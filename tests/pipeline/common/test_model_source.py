@@ -103,3 +103,46 @@ def test_a_model_checked_once_is_not_loaded_again_until_its_bytes_may_have_chang
     for _ in range(2):
         with pytest.raises(ValueError, match="is not a usable segmill checkpoint"):
             check(str(bad))
+
+
+def test_a_checkpoint_file_is_checked_on_a_warm_model_host_when_one_is_given(ray_session, tiny_checkpoint: str,
+                                                                            tmp_path: Path) -> None:
+    """Where the job's Ray runs on this machine, its warm host (torch imported anyway) loads the checkpoint
+    instead of a child process; the verdict is the same, and a host that cannot answer leaves it to the child."""
+    import shutil
+
+    import ray
+
+    from segmill.pipeline.bulk.pool import ModelHost
+
+    host = ray.remote(ModelHost).remote()
+    try:
+        good = tmp_path / "roads.pt"
+        shutil.copy(tiny_checkpoint, good)
+        with ModelCheck(str(good), host=lambda: host) as check:
+            resolved = check.result()
+            assert check._pool is None  # no child was spawned
+        direct = resolve_model(str(good))
+        assert (resolved.name, resolved.version, resolved.checkpoint) == (direct.name, direct.version,
+                                                                          direct.checkpoint)
+        bad = tmp_path / "notes.pt"
+        bad.write_text("hello")
+        with ModelCheck(str(bad), host=lambda: host) as check:
+            with pytest.raises(ValueError, match="is not a usable segmill checkpoint") as error:
+                check.result()
+            assert check._pool is None and "\n" not in str(error.value)
+        # A mistyped path is answered by the child at once, not waited on through the host's start.
+        with ModelCheck(str(tmp_path / "nowhere.pt"), host=lambda: pytest.fail("asked the host")) as check:
+            with pytest.raises(ValueError, match="nor an existing checkpoint file"):
+                check.result()
+        # No host (the job runs on Ray Data's actors, or on a Ray another process started): the child checks.
+        other = tmp_path / "other.pt"
+        shutil.copy(tiny_checkpoint, other)
+        with ModelCheck(str(other), host=lambda: None) as check:
+            assert check.result().version == direct.version and check._pool is not None
+    finally:
+        ray.kill(host)
+    dead = tmp_path / "dead.pt"
+    shutil.copy(tiny_checkpoint, dead)
+    with ModelCheck(str(dead), host=lambda: host) as check:  # killed above: the child gives the verdict
+        assert check.result().version == direct.version and check._pool is not None
