@@ -4,7 +4,7 @@
     segment(SegmentConfig(input="s3://bucket/images/", output="s3://bucket/results/", model="models:/roads@champion"))
 
 Everything that can make the job fail (no images, a model that does not load, an unwritable OUTPUT, OUTPUT
-holding another job) is checked before any data is read or written on Ray (which starts meanwhile).
+holding another job) is checked on the driver before anything runs on Ray (which starts meanwhile).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,7 @@ from segmill.pipeline.common.listing import (
 )
 from segmill.pipeline.common.model_source import ModelCheck
 from segmill.pipeline.common.progress import Counter, ProgressCallback
-from segmill.pipeline.common.runtime import BackgroundStart, ensure_ray, refuse_local_paths, started_local_ray
+from segmill.pipeline.common.runtime import BackgroundStart, ensure_ray, refuse_local_paths
 from segmill.pipeline.common.storage import check_writable, join_uri, open_fs, redact
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def start(config: SegmentConfig, lease: JobLease | None = None, progress: Progre
     runtime = BackgroundStart(lambda: _start_runtime(config))
     counter = None
     try:
-        plan = prepare(config, lease, host=lambda: _checking_host(runtime))
+        plan = prepare(config, lease)
         if not plan.pending:
             runtime.abandon(_release_new_hosts)
             return Started(plan)
@@ -104,17 +104,6 @@ def _start_runtime(config: SegmentConfig) -> bool:
     """Ray, then the job's warm model hosts; True if this started new hosts."""
     ensure_ray(config.ray_address, config.resources)
     return start_model_hosts(config)
-
-
-def _checking_host(runtime: BackgroundStart):
-    """Once Ray has started, a warm model host to check the model in, where it runs on this machine (a Ray this
-    process started): it imports torch anyway, and a child process importing it again cost the first job about 4
-    CPU seconds beside Ray's start (docs/throughput.md). None elsewhere: the check then runs in a child."""
-    runtime.wait()
-    hosts = pool.current()
-    if hosts is None or not started_local_ray() or hosts.session != pool.session():
-        return None
-    return hosts.hosts[0]
 
 
 def _release_new_hosts(started_hosts: bool) -> None:
@@ -148,19 +137,17 @@ def run(config: SegmentConfig, plan: Plan, dataset, *, started: float | None = N
     return record
 
 
-def prepare(config: SegmentConfig, lease: JobLease | None = None, host: Callable[[], Any] | None = None) -> Plan:
+def prepare(config: SegmentConfig, lease: JobLease | None = None) -> Plan:
     """All the checks that need no compute, and the listing of what is left to do.
 
-    The model loads in another process (`ModelCheck`: a child, or the warm model host `host` returns; not again
-    for a model this process has checked) while the output's committed rows are read (a resumed job of millions
-    of rows reads for a while); nothing is written, and nothing runs on Ray (which `segment` starts meanwhile)
-    but that check, before the model has proved to load.
+    The model loads in a child process (`ModelCheck`; not again for a model this process has checked) while the
+    output's committed rows are read (a resumed job of millions of rows reads for a while); nothing is written,
+    and nothing runs on Ray (which `segment` starts meanwhile), before the model has proved to load.
     """
     job_id = config.resolved_job_id()
     if config.labels and is_manifest(config.input):
         raise ValueError(f"Labels come from the manifest's label_uri column; drop --labels {redact(config.labels)}.")
-    with ModelCheck(config.model, endpoint_url=config.endpoint_url, tracking_uri=config.tracking_uri,
-                    host=host) as check:
+    with ModelCheck(config.model, endpoint_url=config.endpoint_url, tracking_uri=config.tracking_uri) as check:
         committed = _committed_by_this_job(config, job_id)
         done_keys = committed_keys(config.output, config.endpoint_url)
         model = check.result()

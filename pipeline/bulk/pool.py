@@ -56,16 +56,6 @@ class ModelHost:
     def loaded(self) -> str | None:
         return self._key
 
-    def check(self, model: str, endpoint_url: str | None, tracking_uri: str | None) -> Any:
-        """A job's model check (model_source.ModelCheck) where torch is already imported: the ResolvedModel, or
-        the one sentence that says why the model cannot be used (returned: a raised error arrives wrapped)."""
-        from segmill.pipeline.common.model_source import resolve_model
-
-        try:
-            return resolve_model(model, endpoint_url=endpoint_url, tracking_uri=tracking_uri)
-        except ValueError as error:
-            return str(error)
-
     def _ensure(self, key: str, load: dict[str, Any]):
         with self._lock:  # concurrent calls share one model; the first call of a new key loads it
             if self._key != key:
@@ -123,8 +113,7 @@ _pool: WarmPool | None = None
 _pool_lock = threading.Lock()
 
 
-def session() -> tuple[str, str]:
-    """The Ray session warm hosts belong to: a pool of another (Ray stopped and started again) is stale."""
+def _session() -> tuple[str, str]:
     import ray
 
     context = ray.get_runtime_context()
@@ -157,8 +146,8 @@ def acquire(resources: "ResourceConfig", *, use: bool = True) -> WarmPool:
 
     global _pool
     with _pool_lock:
-        here, shape = session(), _shape(resources)
-        if _pool is not None and (_pool.session != here or _pool.shape != shape
+        session, shape = _session(), _shape(resources)
+        if _pool is not None and (_pool.session != session or _pool.shape != shape
                                   or (_pool.used and not _alive(_pool))):
             _shutdown(_pool)
             _pool = None
@@ -179,7 +168,7 @@ def acquire(resources: "ResourceConfig", *, use: bool = True) -> WarmPool:
                 for _ in range(resources.concurrent_batches or 1):
                     for index in range(len(hosts)):
                         tokens.put(index)
-            _pool = WarmPool(here, shape, hosts, tokens)
+            _pool = WarmPool(session, shape, hosts, tokens)
             log.debug("started %d warm model actors", len(hosts))
         _pool.used = _pool.used or use
         return _pool

@@ -7,26 +7,22 @@ Accepted forms:
 - a registry architecture with a torchvision weights tag, `ARCH:TAG` (e.g.
   `lraspp_mobilenet_v3_large:COCO_WITH_VOC_LABELS_V1`), which torchvision downloads once (needs network).
 The driver resolves the model once, before any compute, and ships the bytes to the actors. The bulk job's
-driver does it in another process (`ModelCheck`: a child, or a warm model host on this machine): it then never
-loads torch, and reads what the output already holds while the other process loads the model.
+driver does it in a child process (`ModelCheck`): it then never loads torch, and reads what the output already
+holds while the child loads the model.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import multiprocessing
 import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from segmill.models.spec import ModelSpec
 from segmill.pipeline.common import settings
-from segmill.pipeline.common.storage import open_fs, protocol_of, redact
-
-log = logging.getLogger(__name__)
+from segmill.pipeline.common.storage import open_fs, redact
 
 MLFLOW_CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 _TORCHVISION_TAG = re.compile(r"^[a-z0-9_]+:[A-Z0-9_]+$")  # ARCH:TAG, e.g. fcn_resnet50:COCO_WITH_VOC_LABELS_V1
@@ -67,79 +63,43 @@ def resolve_model(model: str, *, endpoint_url: str | None = None, tracking_uri: 
 # process that runs many small jobs (the improve loop, a notebook, `segmill schedule`) checks each model once.
 _CHECKED: "OrderedDict[tuple, ResolvedModel]" = OrderedDict()
 CHECKED_MODELS_KEPT = 4  # each holds its checkpoint's bytes
-HOST_CHECK_TIMEOUT_S = 300  # a host that cannot start or load in this long (a machine out of memory): the child checks
 
 
 class ModelCheck:
-    """`resolve_model` in another process; the caller goes on with read-only checks meanwhile.
+    """`resolve_model` in a spawned child process; the caller goes on with read-only checks meanwhile.
 
         with ModelCheck(uri) as check:
             ...                      # other preparation
             model = check.result()   # waits; raises ValueError for a model that cannot be used
 
-    By default in a spawned child process: spawned, not forked, so that the child starts clean (no copy of a
-    driver's threads or Ray connection) with the caller's sys.path, and imports the same segmill, a Ray job's
-    shipped copy included. `host`, where given, returns a warm model host on this machine (pool.ModelHost, or
-    None): a checkpoint file on this machine is then loaded there, where torch is imported anyway, instead of in
-    a child that imports it a second time (docs/throughput.md). A model this process has checked before, whose
-    bytes cannot have changed since, is not loaded again (`spawned` is then False).
+    Spawned, not forked: the child starts clean (no copy of a driver's threads or Ray connection) with the
+    caller's sys.path, so it imports the same segmill, a Ray job's shipped copy included. A model this process
+    has checked before, whose bytes cannot have changed since, is not loaded again (`spawned` is then False).
     """
 
-    def __init__(self, model: str, *, endpoint_url: str | None = None, tracking_uri: str | None = None,
-                 host: Callable[[], Any] | None = None):
-        self._model, self._endpoint_url, self._tracking_uri = model, endpoint_url, tracking_uri
+    def __init__(self, model: str, *, endpoint_url: str | None = None, tracking_uri: str | None = None):
         self._key = _immutable_key(model, endpoint_url, tracking_uri)
         self._cached = _CHECKED.get(self._key) if self._key else None
-        self._pool = self._answer = self._host = None
-        if self._cached is not None:
-            return
-        if host is not None and self._key is not None and self._key[0] == "file" and protocol_of(model) == "file":
-            # A key means the file exists (the key holds its size and time): a mistyped path or a folder goes to
-            # the child at once, and its one sentence is not first waited on through Ray's start.
-            self._host = host
-        else:
-            self._spawn()
-
-    def _spawn(self) -> None:
-        self._pool = multiprocessing.get_context("spawn").Pool(1)
-        self._answer = self._pool.apply_async(resolve_model, (self._model,),
-                                              dict(endpoint_url=self._endpoint_url, tracking_uri=self._tracking_uri))
+        self._pool = self._answer = None
+        if self._cached is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(1)
+            self._answer = self._pool.apply_async(resolve_model, (model,),
+                                                  dict(endpoint_url=endpoint_url, tracking_uri=tracking_uri))
 
     @property
     def spawned(self) -> bool:
-        return self._pool is not None or self._host is not None
+        return self._pool is not None
 
     def result(self) -> ResolvedModel:
         if self._cached is not None:
             _CHECKED.move_to_end(self._key)
             return self._cached
-        resolved = self._on_host() if self._host is not None else None
-        if resolved is None:
-            if self._pool is None:
-                self._spawn()
-            resolved = self._answer.get()
+        resolved = self._answer.get()
         if self._key:
             _CHECKED[self._key] = resolved
             while len(_CHECKED) > CHECKED_MODELS_KEPT:
                 _CHECKED.popitem(last=False)
         return resolved
-
-    def _on_host(self) -> ResolvedModel | None:
-        """The model resolved on a warm host; None if there is none, or it died (the child process checks)."""
-        host = self._host()
-        if host is None:
-            return None
-        import ray
-
-        try:
-            answer = ray.get(host.check.remote(self._model, self._endpoint_url, self._tracking_uri),
-                             timeout=HOST_CHECK_TIMEOUT_S)
-        except ray.exceptions.RayError as error:  # e.g. a host killed for memory: the child gives the verdict
-            log.debug("the model host could not check %s (%s)", redact(self._model), type(error).__name__)
-            return None
-        if isinstance(answer, str):  # the host returns resolve_model's one sentence rather than raising it
-            raise ValueError(answer)
-        return answer
 
     def __enter__(self) -> "ModelCheck":
         return self

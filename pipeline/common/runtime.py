@@ -41,7 +41,6 @@ RAY_DEFAULT_STORE_SHARE = 0.3
 
 
 _dashboard: Callable[[str], None] | None = None  # set by `show_dashboard`: called with the dashboard's URL
-_local_ray_session: str | None = None  # the session of the local Ray `ensure_ray` started, if it did
 
 
 def show_dashboard(callback: Callable[[str], None]) -> None:
@@ -62,7 +61,6 @@ def ensure_ray(address: str | None = None, job_resources=None) -> None:
     import ray
     import ray.data  # noqa: F401  (configures its logger on import: quieted after it)
 
-    global _local_ray_session
     _apply_library_level()
     if ray.is_initialized():
         return
@@ -76,21 +74,12 @@ def ensure_ray(address: str | None = None, job_resources=None) -> None:
             store = local_object_store_bytes(job_resources) if job_resources is not None else None
             context = ray.init(address="local", include_dashboard=_dashboard is not None, dashboard_host="127.0.0.1",
                                log_to_driver=False, configure_logging=False, object_store_memory=store)
-            _local_ray_session = ray.get_runtime_context().get_session_name()
             if _dashboard is not None and context.dashboard_url:
                 _dashboard(f"http://{context.dashboard_url}")
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
         where = f"The Ray cluster at {redact(address)} cannot be reached" if address else "Ray cannot start here"
         raise ValueError(f"{where} ({type(exc).__name__}: {first_line(exc)}).") from None
     log.info("Ray resources: %s", ray.cluster_resources())
-
-
-def started_local_ray() -> bool:
-    """Whether the Ray this process is connected to is a local one `ensure_ray` started (its workers run on this
-    machine, with this process's environment), not one it joined or the user's own."""
-    import ray
-
-    return ray.is_initialized() and _local_ray_session == ray.get_runtime_context().get_session_name()
 
 
 def local_object_store_bytes(resources, cpus: float | None = None, gpus: int | None = None,
