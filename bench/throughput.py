@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a ResourceConfig field for segmill's runs (repeatable), e.g. precision=bf16")
     p.add_argument("--also-segmill", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="an extra segmill row with these ResourceConfig fields, e.g. precision=bf16")
+    p.add_argument("--also-segmill-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="an extra segmill row run with these environment variables, e.g. Ray's settings "
+                        "RAY_task_events_report_interval_ms=0")
     p.add_argument("--dl-threads", type=int, default=2)
     p.add_argument("--dl-workers", type=int, default=1)
     p.add_argument("--dl-batch", type=int, default=1)
@@ -76,19 +79,33 @@ def _fields(items: list[str]) -> dict[str, Any]:
     return fields
 
 
+def _environment(entry: str) -> dict[str, str]:
+    """NAME=VALUE[,NAME=VALUE] as environment variables for one program's process."""
+    env = {}
+    for item in (part for part in entry.split(",") if part):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            sys.exit(f"bench: --also-segmill-env {entry!r} is not NAME=VALUE[,NAME=VALUE].")
+        env[name.strip()] = value
+    return env
+
+
 def run_program(name: str, program: str, images: str, checkpoint: str, output: str, options: dict,
                 busy_cores: int = 0) -> dict:
     """Run one program in a fresh process, beside `busy_cores` spinning ones; its result plus the peak summed
-    memory of its process tree (the spinning processes are not in it)."""
+    memory of its process tree (the spinning processes are not in it). `options["env"]`, if given, are environment
+    variables set for that process only."""
     from bench.burner import BusyCores
     from bench.data import TreeMemory
 
     result_file = Path(output + ".result.json")
+    options = dict(options)
+    extra_env = options.pop("env", None) or {}
     spec = dict(program=program, images=images, checkpoint=checkpoint, output=output, options=options,
-                result=str(result_file))
+                result=str(result_file), env=sorted(extra_env))
     # The child finds `bench` as this process did, from wherever the benchmark was started.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "SEGMILL_PROGRESS": "0", "PYTHONPATH": path}
+    env = {**os.environ, "SEGMILL_PROGRESS": "0", "PYTHONPATH": path, **extra_env}
     with BusyCores(busy_cores) as busy:
         started = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "bench.throughput", "--child", json.dumps(spec)], env=env,
@@ -123,6 +140,8 @@ def _child(spec_json: str) -> None:
 
     shutil.rmtree(spec["output"], ignore_errors=True)
     result = PROGRAMS[spec["program"]](spec["images"], spec["checkpoint"], spec["output"], **spec["options"])
+    if spec.get("env"):  # as the program's process saw them
+        result["env"] = {name: os.environ.get(name) for name in spec["env"]}
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -223,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
         for extra in args.also_segmill:
             lineup.append((f"segmill[{extra}]", "segmill", dict(resources={**segmill_fields, **_fields([extra])},
                                                                  jobs=args.segmill_jobs)))
+        for extra in args.also_segmill_env:
+            lineup.append((f"segmill[env {extra}]", "segmill", dict(resources=segmill_fields, jobs=args.segmill_jobs,
+                                                                    env=_environment(extra))))
     report: dict[str, Any] = {"command": " ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
                               "system": system_info(), "cases": []}
     for arch in [m for m in args.models.split(",") if m]:

@@ -114,3 +114,28 @@ def test_busy_cores_take_their_cores_and_stop_with_the_benchmark(tmp_path: Path)
             psutil.Process(orphan).kill()
         except psutil.Error:
             pass
+
+
+def test_a_program_runs_with_the_environment_it_is_given(dsb2018: Path, tmp_path: Path) -> None:
+    """`--also-segmill-env` rows: the variables reach that program's process only, and the report says what it saw."""
+    import os
+
+    from bench.data import make_checkpoint, prepare_folder
+    from bench.throughput import run_program
+
+    images = prepare_folder(str(dsb2018 / "images"), tmp_path / "images", limit=2, size=32)
+    checkpoint = make_checkpoint("lraspp_mobilenet_v3_large", tmp_path / "model.pt")
+    options = {"env": {"SEGMILL_BENCH_PROBE": "on"}}
+    result = run_program("bare", "bare_loop", images, checkpoint, str(tmp_path / "out"), options)
+    assert "failed" not in result, result.get("failed")
+    assert result["env"] == {"SEGMILL_BENCH_PROBE": "on"} and result["images"] == 2
+    assert "SEGMILL_BENCH_PROBE" not in os.environ and options == {"env": {"SEGMILL_BENCH_PROBE": "on"}}
+
+
+def test_a_malformed_environment_is_refused_before_any_program_runs(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit, match="--also-segmill-env 'RAY_x' is not NAME=VALUE"):
+        main(["--dataset", str(tmp_path), "--models", "lraspp_mobilenet_v3_large", "--native", "", "--workdir",
+              str(tmp_path / "work"), "--output", str(tmp_path / "bench.json"), "--also-segmill-env", "RAY_x"])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "bench.json").exists()
