@@ -97,6 +97,8 @@ def _segmill(cluster: Cluster, *args: str, timeout: float = 600) -> subprocess.C
                           text=True, timeout=timeout)
 
 
+# A node started and killed mid-job, then the job resumed (about 120 s on 2 cores): `make test-slow`.
+@pytest.mark.slow
 def test_a_bulk_job_survives_losing_the_node_of_its_model_actors(cluster, scenes_on_s3, s3_server, tiny_checkpoint,
                                                                  tmp_path, results_reader) -> None:
     spec = tmp_path / "job.yaml"

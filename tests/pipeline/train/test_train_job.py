@@ -194,6 +194,8 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_checkpoint(ra
     assert int(averaged["n_averaged"]) == 3 * steps_per_epoch(outcome.bootstrap["epoch_images"], TINY["batch_size"], 2)
 
 
+# Three CLI runs, each starting Ray and Ray Train (about 110 s on 2 cores): `make test-slow`.
+@pytest.mark.slow
 def test_resume_continues_a_stopped_run(train_scenes, tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     storage = tmp_path / "train"
