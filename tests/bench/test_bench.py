@@ -3,7 +3,10 @@ are asserted: the machine is shared)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from bench.throughput import main
 
@@ -118,8 +121,6 @@ def test_busy_cores_take_their_cores_and_stop_with_the_benchmark(tmp_path: Path)
 
 def test_a_program_runs_with_the_environment_it_is_given(dsb2018: Path, tmp_path: Path) -> None:
     """`--also-segmill-env` rows: the variables reach that program's process only, and the report says what it saw."""
-    import os
-
     from bench.data import make_checkpoint, prepare_folder
     from bench.throughput import run_program
 
@@ -133,8 +134,6 @@ def test_a_program_runs_with_the_environment_it_is_given(dsb2018: Path, tmp_path
 
 
 def test_a_malformed_environment_is_refused_before_any_program_runs(tmp_path: Path) -> None:
-    import pytest
-
     with pytest.raises(SystemExit, match="--also-segmill-env 'RAY_x' is not NAME=VALUE"):
         main(["--dataset", str(tmp_path), "--models", "lraspp_mobilenet_v3_large", "--native", "", "--workdir",
               str(tmp_path / "work"), "--output", str(tmp_path / "bench.json"), "--also-segmill-env", "RAY_x"])
